@@ -1,0 +1,43 @@
+# Two commands on a fresh Debian machine with Python 3.11 (as root):
+#   make demo   sets everything up, then trains and evaluates Stage 1 on Tux Paint stamps
+#   make test   sets everything up, then runs the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STAMPS_DIR := /usr/share/tuxpaint/stamps
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean system-deps
+
+setup: $(STAMP) system-deps
+
+$(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements/torch.txt -r requirements/lock.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements/no-deps.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Debian data packages (real data, read in place, never copied into the repo).
+system-deps:
+	@if [ ! -d $(STAMPS_DIR) ]; then \
+	  echo "installing tuxpaint-stamps-default (Debian)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tuxpaint-stamps-default; \
+	fi
+
+demo: setup
+	$(BIN)/oneencoder demo --out outputs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_cache.py
+
+clean:
+	rm -rf outputs build *.egg-info

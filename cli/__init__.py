@@ -1,0 +1,1 @@
+"""The ``oneencoder`` command line, installed as ``oneencoder.cli``: one file per command group."""

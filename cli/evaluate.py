@@ -1,0 +1,43 @@
+"""``oneencoder eval``: retrieval metrics between every modality pair a model holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from oneencoder.cache import build_cache
+from oneencoder.checkpoint import load_model, modality_from_meta
+from oneencoder.evaluate import evaluate_samples
+from oneencoder.fileio import write_json_atomic
+from oneencoder.manifest import read_manifest
+
+from ._common import echo, quiet_libraries, user_errors
+from .train import print_results
+
+
+@user_errors
+def evaluate(
+    model: Path = typer.Option(Path("outputs/demo/model"), "--model", "-m", help="Model directory."),
+    manifest: Path = typer.Option(Path("outputs/demo/manifest.jsonl"), help="Manifest with the samples."),
+    cache_dir: Path = typer.Option(Path("outputs/demo/cache"), help="Feature cache root (missing features are built)."),
+    split: str = typer.Option("test", help="train, val or test."),
+    out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: <model>/eval-<split>.json)."),
+) -> None:
+    """Recall@1/5/10, mAP, NDCG@10, R-Precision, MRR, median rank, with chance levels.
+
+    Example:  oneencoder eval --model outputs/demo/model --split test
+    """
+    quiet_libraries()
+    net, meta = load_model(model)
+    records = read_manifest(manifest)
+    modalities = {name: modality_from_meta(name, info) for name, info in meta["modalities"].items()}
+    modalities = {n: m for n, m in modalities.items() if any(r.get(m.spec.record_key) for r in records)}
+    for m in modalities.values():
+        build_cache(m, records, cache_dir, progress=True)
+    results = evaluate_samples(net, modalities, records, cache_dir, split)
+    path = out or model / f"eval-{split}.json"
+    write_json_atomic(path, results)
+    print_results(results)
+    echo(f"wrote {path}")

@@ -1,0 +1,36 @@
+"""The ``oneencoder`` typer app: thin commands over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from . import cache, data
+from .demo import demo
+from .embed import embed
+from .evaluate import evaluate
+from .info import info
+from .train import train
+
+app = typer.Typer(
+    name="oneencoder",
+    help="Progressive multi-modal alignment on frozen backbones.\n\n"
+    "Quick start:  oneencoder demo   (Tux Paint image-text Stage 1, then eval)",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data.app, name="data")
+app.add_typer(cache.app, name="cache")
+app.command("train")(train)
+app.command("eval")(evaluate)
+app.command("embed")(embed)
+app.command("info")(info)
+app.command("demo")(demo)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

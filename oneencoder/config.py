@@ -1,0 +1,147 @@
+"""Stage files: TOML that says what a stage trains, on which data, and how.
+
+Every section maps onto a dataclass; an unknown key is an error that names it,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+from .model import AdapterConfig, ProjectionConfig
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    manifest: str = "outputs/demo/manifest.jsonl"
+    cache_dir: str = "outputs/demo/cache"
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    learn_temperature: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    patience: int = 10
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    eval_batch_size: int = 256
+
+
+@dataclass
+class StageConfig:
+    """One stage. ``modalities`` is the aligned pair; ``trainable`` lists what learns."""
+
+    name: str
+    modalities: tuple[str, str]
+    trainable: list[str]
+    data: DataConfig = field(default_factory=DataConfig)
+    modality_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: ProjectionConfig = field(default_factory=ProjectionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    curriculum: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["modalities"] = list(self.modalities)
+        return d
+
+
+def _section(cls: type[T], raw: Any, where: str) -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(raw) - set(names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
+    defaults = cls()  # every section dataclass has defaults
+    for key, value in raw.items():
+        if not _same_kind(getattr(defaults, key), value):
+            raise ConfigError(f"{where}.{key} = {value!r}: expected {type(getattr(defaults, key)).__name__}")
+    return cls(**raw)
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def resolve_stage_path(stage: str | Path) -> Path:
+    """A path to a TOML file, or the name of a stage shipped with oneencoder (e.g. ``image_text``)."""
+    path = Path(stage)
+    if path.is_file():
+        return path
+    packaged = resources.files("oneencoder.stages") / f"{Path(stage).stem}.toml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    shipped = sorted(p.name[:-5] for p in resources.files("oneencoder.stages").iterdir() if p.name.endswith(".toml"))
+    raise ConfigError(f"stage file not found: {stage} (shipped stages: {', '.join(shipped)})")
+
+
+def load_stage(stage: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> StageConfig:
+    """Parse a stage file; ``overrides`` (section -> key -> value) win over the file."""
+    path = resolve_stage_path(stage)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return parse_stage(raw, str(path))
+
+
+def parse_stage(raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
+    known = {"stage", "data", "modalities", "model", "adapter", "loss", "train", "curriculum"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
+    stage = dict(raw.get("stage", {}))
+    for key in ("name", "modalities", "trainable"):
+        if key not in stage:
+            raise ConfigError(f"{source}: [stage] needs '{key}'")
+    pair = stage["modalities"]
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) for m in pair)):
+        raise ConfigError(f"{source}: [stage] modalities must list two modality names, got {pair!r}")
+    extra = set(stage) - {"name", "modalities", "trainable", "description"}
+    if extra:
+        raise ConfigError(f"{source}: [stage] unknown option(s) {sorted(extra)}")
+    return StageConfig(
+        name=stage["name"],
+        modalities=(pair[0], pair[1]),
+        trainable=list(stage["trainable"]),
+        data=_section(DataConfig, raw.get("data", {}), f"{source} [data]"),
+        modality_options={k: dict(v) for k, v in raw.get("modalities", {}).items()},
+        model=_section(ProjectionConfig, raw.get("model", {}), f"{source} [model]"),
+        adapter=_section(AdapterConfig, raw.get("adapter", {}), f"{source} [adapter]"),
+        loss=_section(LossConfig, raw.get("loss", {}), f"{source} [loss]"),
+        train=_section(TrainConfig, raw.get("train", {}), f"{source} [train]"),
+        curriculum=dict(raw.get("curriculum", {})),
+        source=source,
+    )

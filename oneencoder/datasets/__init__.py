@@ -1,0 +1,1 @@
+"""Builders that write JSONL manifests from real, locally installed data."""

@@ -1,0 +1,97 @@
+"""Zero-shot retrieval evaluation between every pair of modalities a model holds."""
+
+from __future__ import annotations
+
+from itertools import permutations
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bank import FeatureBank
+from .cache import FeatureCache, cache_dir_for
+from .errors import OneEncoderError
+from .metrics import chance_metrics, retrieval_metrics
+from .model import OneEncoderModel
+from .registry import Modality
+
+
+@torch.no_grad()
+def embed_bank(model: OneEncoderModel, modality: str, bank: FeatureBank, batch_size: int = 256) -> torch.Tensor:
+    """Embed every sample of a bank: ``[N, d]``, unit norm."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(bank), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(bank)))
+        tokens, mask = bank.gather(index)
+        out.append(model(modality, tokens.to(device), mask.to(device)).float())
+    return torch.cat(out)
+
+
+def _first_of_each_group(groups: list[str]) -> list[int]:
+    seen: set[str] = set()
+    keep = []
+    for i, g in enumerate(groups):
+        if g not in seen:
+            seen.add(g)
+            keep.append(i)
+    return keep
+
+
+def retrieval_between(
+    emb_q: torch.Tensor, groups_q: list[str], emb_g: torch.Tensor, groups_g: list[str],
+    dedupe_q: bool = False, dedupe_g: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Rank gallery for each query; items of the same group are all relevant.
+
+    With ``dedupe_*``, identical items (e.g. one caption shared by many coins) count once.
+    """
+    qi = _first_of_each_group(groups_q) if dedupe_q else list(range(len(groups_q)))
+    gi = _first_of_each_group(groups_g) if dedupe_g else list(range(len(groups_g)))
+    gq, gg = [groups_q[i] for i in qi], [groups_g[i] for i in gi]
+    codes = {g: n for n, g in enumerate(sorted(set(gq) | set(gg)))}
+    cq = torch.tensor([codes[g] for g in gq])
+    cg = torch.tensor([codes[g] for g in gg])
+    relevant = cq[:, None] == cg[None, :]
+    has = relevant.any(1)
+    if not bool(has.any()):
+        raise OneEncoderError("no query has a relevant gallery item; are both modalities from the same samples?")
+    scores = emb_q[qi][has.nonzero().squeeze(1)] @ emb_g[gi].t()
+    relevant = relevant[has]
+    return {"metrics": retrieval_metrics(scores, relevant), "chance": chance_metrics(relevant)}
+
+
+def evaluate_samples(
+    model: OneEncoderModel,
+    modalities: dict[str, Modality],
+    records: list[dict],
+    cache_root: str | Path,
+    split: str = "test",
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Retrieval in every direction between the given modalities on one split.
+
+    Samples missing from a modality's cache (rejected, or without that field) are
+    left out of the pairs involving that modality only.
+    """
+    rows = [r for r in records if r.get("split") == split]
+    if not rows:
+        raise OneEncoderError(f"the manifest has no {split!r} samples")
+    embedded: dict[str, tuple[torch.Tensor, list[str]]] = {}
+    for name, modality in modalities.items():
+        path = cache_dir_for(cache_root, name)
+        with FeatureCache(path, modality.fingerprint(), readonly=True) as cache:
+            have = cache.ids()
+            kept = [r for r in rows if r["id"] in have]
+            if not kept:
+                continue
+            bank = FeatureBank.from_cache(cache, [r["id"] for r in kept])
+        embedded[name] = (embed_bank(model, name, bank, batch_size), [r.get("group", r["id"]) for r in kept])
+    results: dict[str, Any] = {"split": split, "directions": {}}
+    for a, b in permutations(embedded, 2):
+        (ea, ga), (eb, gb) = embedded[a], embedded[b]
+        results["directions"][f"{a}→{b}"] = {
+            **retrieval_between(ea, ga, eb, gb, modalities[a].spec.dedupe_in_eval, modalities[b].spec.dedupe_in_eval),
+            "n_query_samples": len(ga),
+        }
+    return results

@@ -1,0 +1,143 @@
+"""Trainable parts: per-modality adapters with modality tokens, and the Universal Projection.
+
+``tokens [B, T, D_m] --Adapter--> [B, T, d] --prepend modality token--> UniversalProjection
+--> pool --> L2-normalised embedding [B, d]``
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ProjectionConfig:
+    """Universal Projection shape (stored in ``oneencoder.json``)."""
+
+    d_model: int = 256
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1
+    pool: str = "mean"  # mean over real tokens, or "token": the modality token's output
+
+
+@dataclass
+class AdapterConfig:
+    """Per-modality adapter shape (stored per modality in ``oneencoder.json``)."""
+
+    hidden: int = 512  # 0: a single linear map (LayerNorm + Linear)
+    dropout: float = 0.1
+    positions: bool = True  # learned per-position embedding (grid cells, frames)
+
+
+class Adapter(nn.Module):
+    """Per-token MLP from backbone width to ``d_model``, plus this modality's token.
+
+    Args:
+        in_dim: Backbone feature width.
+        d_model: Shared width of the Universal Projection.
+        max_tokens: Longest token sequence (size of the position table).
+        config: Hidden width, dropout, positions.
+    """
+
+    def __init__(self, in_dim: int, d_model: int, max_tokens: int, config: AdapterConfig) -> None:
+        super().__init__()
+        if config.hidden > 0:
+            layers = [nn.Linear(in_dim, config.hidden), nn.GELU(), nn.Dropout(config.dropout),
+                      nn.Linear(config.hidden, d_model)]
+        else:
+            layers = [nn.Dropout(config.dropout), nn.Linear(in_dim, d_model)]
+        self.mlp = nn.Sequential(nn.LayerNorm(in_dim), *layers)
+        self.modality_token = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        self.positions = nn.Parameter(torch.zeros(1, max_tokens, d_model)) if config.positions else None
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.mlp(tokens)
+        if self.positions is not None:
+            x = x + self.positions[:, : x.shape[1]]
+        token = self.modality_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([token, x], dim=1)
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        return x, mask
+
+
+class UniversalProjection(nn.Module):
+    """Masked transformer encoder shared by every modality; pools and L2-normalises."""
+
+    def __init__(self, config: ProjectionConfig) -> None:
+        super().__init__()
+        if config.pool not in ("mean", "token"):
+            raise ValueError(f"pool must be 'mean' or 'token', got {config.pool!r}")
+        self.config = config
+        layer = nn.TransformerEncoderLayer(
+            config.d_model, config.heads, int(config.d_model * config.mlp_ratio), config.dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        # Nested tensors change numerics between train/eval; keep one code path.
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x ``[B, T, d]``, mask ``[B, T]`` with True on real tokens. Returns ``[B, d]``, unit norm."""
+        h = self.norm(self.encoder(x, src_key_padding_mask=~mask))
+        if self.config.pool == "token":
+            pooled = h[:, 0]
+        else:
+            w = mask.to(h.dtype).unsqueeze(-1)
+            pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return F.normalize(self.head(pooled), dim=-1)
+
+
+class OneEncoderModel(nn.Module):
+    """All trainable parameters: one adapter per modality and the shared projection."""
+
+    def __init__(self, projection: ProjectionConfig) -> None:
+        super().__init__()
+        self.projection_config = projection
+        self.projection = UniversalProjection(projection)
+        self.adapters = nn.ModuleDict()
+        self.adapter_configs: dict[str, AdapterConfig] = {}
+        self._locked: list[nn.Module] = []
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.adapters)
+
+    def add_modality(self, name: str, feature_dim: int, max_tokens: int, config: AdapterConfig | None = None) -> Adapter:
+        config = config or AdapterConfig()
+        self.adapters[name] = Adapter(feature_dim, self.projection_config.d_model, max_tokens, config)
+        self.adapter_configs[name] = config
+        return self.adapters[name]
+
+    def forward(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x, mask = self.adapters[modality](tokens, mask)
+        return self.projection(x, mask)
+
+    # open_clip-style locking: frozen parts are eval-mode and grad-free.
+    def lock_projection(self) -> None:
+        self._lock(self.projection)
+
+    def lock_adapter(self, name: str) -> None:
+        self._lock(self.adapters[name])
+
+    def _lock(self, module: nn.Module) -> None:
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self._locked.append(module)
+        module.eval()
+
+    def train(self, mode: bool = True) -> "OneEncoderModel":
+        super().train(mode)
+        for module in self._locked:  # locked parts stay in eval (no dropout) while training others
+            module.eval()
+        return self
+
+    def config_dict(self) -> dict:
+        return {"projection": asdict(self.projection_config),
+                "adapters": {k: asdict(v) for k, v in self.adapter_configs.items()}}
+

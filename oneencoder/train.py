@@ -1,0 +1,218 @@
+"""One generic trainer for every stage. It knows nothing about models or modalities.
+
+It drives an *objective* (an ``nn.Module`` mapping a batch of sample indices to a
+dict with ``loss``) with batches from a *sampler* (``batch(step) -> indices``),
+validates each epoch through a callback, stops early, and keeps the best state.
+Runs unchanged under ``torchrun``: rank 0 validates, logs and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .fileio import append_jsonl, atomic_path, write_json_atomic
+
+
+class BatchSampler(Protocol):
+    """Yields the sample indices of each optimizer step."""
+
+    steps_per_epoch: int
+
+    def batch(self, step: int, total_steps: int) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` prefers cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``lr * min_lr_ratio``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    # No decay on norms, biases, tokens and the temperature (as in CLIP/open_clip).
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "token" not in name and "positions" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class FitResult:
+    best_score: float
+    best_epoch: int
+    epochs_run: int
+    steps: int
+    seconds: float
+    history: list[dict]
+
+
+class Trainer:
+    """Optimise ``objective`` with AdamW, warmup + cosine, early stopping and resume.
+
+    Args:
+        config: Training hyper-parameters.
+        objective: Module whose ``forward(index)`` returns a dict with ``loss``.
+        sampler: Supplies each step's batch indices.
+        validate: Returns a dict with ``score`` (higher is better) plus anything to log.
+        on_best: Called with the validation dict whenever the score improves (save here).
+        run_dir: Holds ``metrics.jsonl`` and the resumable ``last.*`` state.
+    """
+
+    def __init__(self, config: TrainConfig, objective: nn.Module, sampler: BatchSampler,
+                 validate: Callable[[], dict[str, float]], on_best: Callable[[dict[str, float]], None],
+                 run_dir: str | Path, device: torch.device | None = None, progress: bool = True) -> None:
+        self.config = config
+        self.device = device or pick_device(config.device)
+        self.objective = objective.to(self.device)
+        self.sampler = sampler
+        self.validate = validate
+        self.on_best = on_best
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.trainable = [p for p in objective.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("the objective has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(_param_groups(objective, config.weight_decay), lr=config.lr)
+        self.model = (nn.parallel.DistributedDataParallel(self.objective) if self.distributed else self.objective)
+        self.total_steps = config.epochs * sampler.steps_per_epoch
+        self.step, self.epoch, self.best, self.best_epoch, self.bad_epochs = 0, 0, -math.inf, -1, 0
+        self.history: list[dict] = []
+
+    # ----- resume -----------------------------------------------------------
+    def _state_paths(self) -> tuple[Path, Path]:
+        return self.run_dir / "last.safetensors", self.run_dir / "last.json"
+
+    def save_state(self) -> None:
+        """Weights, optimizer moments and sampler RNG, without pickle."""
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.trainable)}
+        opt = self.optimizer.state_dict()
+        for pid, slots in opt["state"].items():
+            for k, v in slots.items():
+                tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).cpu().contiguous()
+        tensors.update({f"sampler.{k}": v.cpu().contiguous() for k, v in self.sampler.state_dict().items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"step": self.step, "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "history": self.history, "total_steps": self.total_steps}
+        t_path, m_path = self._state_paths()
+        with atomic_path(t_path) as tmp:
+            save_file(tensors, str(tmp))
+        write_json_atomic(m_path, meta)
+
+    def try_resume(self) -> bool:
+        t_path, m_path = self._state_paths()
+        if not (t_path.exists() and m_path.exists()):
+            return False
+        meta = json.loads(m_path.read_text())
+        if meta["total_steps"] != self.total_steps:
+            return False  # a different schedule: start over rather than mix runs
+        tensors = load_file(str(t_path))
+        with torch.no_grad():
+            for i, p in enumerate(self.trainable):
+                p.copy_(tensors[f"param.{i}"].to(p.device))
+        opt = self.optimizer.state_dict()
+        opt["state"] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, pid, slot = key.split(".", 2)
+                opt["state"].setdefault(int(pid), {})[slot] = value.to(self.device) if slot != "step" else value
+        self.optimizer.load_state_dict(opt)
+        self.sampler.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("sampler.")})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.epoch = meta["step"], meta["epoch"]
+        self.best, self.best_epoch, self.bad_epochs = meta["best"], meta["best_epoch"], meta["bad_epochs"]
+        self.history = meta["history"]
+        return True
+
+    # ----- loop -------------------------------------------------------------
+    def _train_step(self) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.total_steps, self.config)
+        index = self.sampler.batch(self.step, self.total_steps)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(index)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return {k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+
+    def fit(self) -> FitResult:
+        """Train until ``epochs`` or ``patience`` epochs without improvement."""
+        start = time.time()
+        log_path = self.run_dir / "metrics.jsonl"
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.progress or self.rank != 0)
+        while self.epoch < self.config.epochs and self.bad_epochs < self.config.patience:
+            self.objective.train()
+            for _ in range(self.sampler.steps_per_epoch):
+                logs = self._train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                if self.rank == 0 and self.step % self.config.log_every == 0:
+                    append_jsonl(log_path, {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **logs})
+            self.epoch += 1
+            if self.rank == 0:
+                self._end_epoch(log_path)
+            if self.distributed:  # every rank must agree on early stopping
+                flag = torch.tensor([self.bad_epochs], device=self.device)
+                dist.broadcast(flag, 0)
+                self.bad_epochs = int(flag)
+        bar.close()
+        return FitResult(self.best, self.best_epoch, self.epoch, self.step, time.time() - start, self.history)
+
+    def _end_epoch(self, log_path: Path) -> None:
+        self.objective.eval()
+        with torch.no_grad():
+            val = self.validate()
+        row = {"epoch": self.epoch, "step": self.step, **{f"val/{k}": v for k, v in val.items()}}
+        self.history.append(row)
+        append_jsonl(log_path, row)
+        if val["score"] > self.best:
+            self.best, self.best_epoch, self.bad_epochs = val["score"], self.epoch, 0
+            self.on_best(val)
+        else:
+            self.bad_epochs += 1
+        self.save_state()

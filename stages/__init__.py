@@ -1,0 +1,1 @@
+"""Stage files shipped with oneencoder (TOML package data)."""
