@@ -20,7 +20,7 @@ $(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt 
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements/torch.txt -r requirements/lock.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements/no-deps.txt
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 # Debian data packages (real data, read in place, never copied into the repo).

@@ -93,11 +93,15 @@ class _TokenBackbone(nn.Module):
 
 @torch.inference_mode()
 def _imagenet_label_embeddings(text_options: dict[str, Any]) -> torch.Tensor:
-    """Mean-pooled frozen text features of "A <class name>." for the 1000 ImageNet classes."""
+    """Mean-pooled frozen text features of "A <class names>." for the 1000 ImageNet classes.
+
+    The full synonym list ("A tabby, tabby cat.") embedded slightly better than the first
+    name alone on the validation split (zero-shot image->text R@1 0.207 vs 0.185).
+    """
     from oneencoder.registry import create_modality
 
     info = require("timm.data", "timm").ImageNetInfo()
-    names = [info.index_to_description(i).split(",")[0].strip() for i in range(info.num_classes())]
+    names = [info.index_to_description(i).strip() for i in range(info.num_classes())]
     text = create_modality("text", **text_options)
     backbone = text.load_backbone()
     out = []
@@ -136,9 +140,9 @@ class ImageModality(Modality):
     spec = ModalitySpec(
         name="image",
         backbone=DEFAULT_BACKBONE,
-        feature_dim=1280,
-        max_tokens=50,
-        preprocess_version="image-v1",
+        feature_dim=1664,  # 1280 visual + 384 label semantics (semantic = true)
+        max_tokens=1,
+        preprocess_version="image-v2",
         record_key="image",
         default_anchor="text",
         extra_deps=("timm", "cairosvg"),

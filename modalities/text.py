@@ -43,7 +43,7 @@ class Text(Modality):
         name="text",
         backbone=DEFAULT_BACKBONE,
         feature_dim=384,
-        max_tokens=32,
+        max_tokens=33,  # pooled sentence token + 32 word-piece tokens
         preprocess_version="text-v1",
         record_key="caption",
         default_anchor="image",

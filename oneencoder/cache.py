@@ -50,14 +50,18 @@ class FeatureCache:
                              subdir=True, max_readers=64)
         self.fingerprint = fingerprint
         self.dim = int(fingerprint["feature_dim"])
-        with self.env.begin(write=not readonly) as txn:
-            stored = txn.get(_FINGERPRINT)
-            if stored is None:
-                if readonly:
-                    raise OneEncoderError(f"feature cache {self.path} has no fingerprint; rebuild it")
-                txn.put(_FINGERPRINT, json.dumps(fingerprint, sort_keys=True).encode())
-            else:
-                _check_fingerprint(self.path, json.loads(stored), fingerprint)
+        try:
+            with self.env.begin(write=not readonly) as txn:
+                stored = txn.get(_FINGERPRINT)
+                if stored is None:
+                    if readonly:
+                        raise OneEncoderError(f"feature cache {self.path} has no fingerprint; rebuild it")
+                    txn.put(_FINGERPRINT, json.dumps(fingerprint, sort_keys=True).encode())
+                else:
+                    _check_fingerprint(self.path, json.loads(stored), fingerprint)
+        except BaseException:
+            self.env.close()  # a refused cache must not stay open in this process
+            raise
 
     def close(self) -> None:
         self.env.close()

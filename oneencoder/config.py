@@ -50,6 +50,11 @@ class TrainConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    pacer: str = "random"
+
+
+@dataclass
 class StageConfig:
     """One stage. ``modalities`` is the aligned pair; ``trainable`` lists what learns."""
 
@@ -62,7 +67,7 @@ class StageConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    curriculum: dict[str, Any] = field(default_factory=dict)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,16 +137,53 @@ def parse_stage(raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
     extra = set(stage) - {"name", "modalities", "trainable", "description"}
     if extra:
         raise ConfigError(f"{source}: [stage] unknown option(s) {sorted(extra)}")
-    return StageConfig(
+    trainable = stage["trainable"]
+    if not (isinstance(trainable, list) and trainable and all(isinstance(t, str) for t in trainable)):
+        raise ConfigError(f"{source}: [stage] trainable must be a list of names, got {trainable!r}")
+    for name in trainable:
+        if name != "projection" and name not in pair:
+            raise ConfigError(f"{source}: [stage] trainable lists {name!r}, which is neither 'projection' "
+                              f"nor one of the stage's modalities {pair}")
+    options = raw.get("modalities", {})
+    for name, table in options.items():
+        if name not in pair:
+            raise ConfigError(f"{source}: [modalities.{name}] is not one of the stage's modalities {pair}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [modalities.{name}] must be a table")
+    config = StageConfig(
         name=stage["name"],
         modalities=(pair[0], pair[1]),
-        trainable=list(stage["trainable"]),
+        trainable=list(trainable),
         data=_section(DataConfig, raw.get("data", {}), f"{source} [data]"),
-        modality_options={k: dict(v) for k, v in raw.get("modalities", {}).items()},
+        modality_options={k: dict(v) for k, v in options.items()},
         model=_section(ProjectionConfig, raw.get("model", {}), f"{source} [model]"),
         adapter=_section(AdapterConfig, raw.get("adapter", {}), f"{source} [adapter]"),
         loss=_section(LossConfig, raw.get("loss", {}), f"{source} [loss]"),
         train=_section(TrainConfig, raw.get("train", {}), f"{source} [train]"),
-        curriculum=dict(raw.get("curriculum", {})),
+        curriculum=_section(CurriculumConfig, raw.get("curriculum", {}), f"{source} [curriculum]"),
         source=source,
     )
+    _check_values(config, source)
+    return config
+
+
+def _check_values(config: StageConfig, source: str) -> None:
+    """Values the dataclasses accept by type but the code cannot run with."""
+    checks = [
+        (config.model.pool in ("mean", "token"), f"[model] pool = {config.model.pool!r}: use 'mean' or 'token'"),
+        (config.model.d_model > 0 and config.model.heads > 0 and config.model.d_model % config.model.heads == 0,
+         f"[model] d_model = {config.model.d_model} must be a positive multiple of heads = {config.model.heads}"),
+        (config.model.layers >= 1, "[model] layers must be at least 1"),
+        (0.0 <= config.model.dropout < 1.0 and 0.0 <= config.adapter.dropout < 1.0, "dropout must be in [0, 1)"),
+        (config.adapter.hidden >= 0, "[adapter] hidden must be >= 0 (0 = linear adapter)"),
+        (config.loss.name == "infonce", f"[loss] name = {config.loss.name!r}: only 'infonce' is available"),
+        (config.loss.init_temperature > 0, "[loss] init_temperature must be > 0"),
+        (config.train.epochs >= 1, "[train] epochs must be >= 1"),
+        (config.train.batch_size >= 2, "[train] batch_size must be >= 2 (contrastive loss needs negatives)"),
+        (config.train.lr > 0, "[train] lr must be > 0"),
+        (config.train.patience >= 1, "[train] patience must be >= 1"),
+        (config.train.log_every >= 1 and config.train.eval_batch_size >= 1, "[train] log_every/eval_batch_size must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")

@@ -58,7 +58,10 @@ def retrieval_between(
         raise OneEncoderError("no query has a relevant gallery item; are both modalities from the same samples?")
     scores = emb_q[qi][has.nonzero().squeeze(1)] @ emb_g[gi].t()
     relevant = relevant[has]
-    return {"metrics": retrieval_metrics(scores, relevant), "chance": chance_metrics(relevant)}
+    metrics, chance = retrieval_metrics(scores, relevant), chance_metrics(relevant)
+    # Cosine of true pairs; its "chance" is the mean cosine of all pairs.
+    metrics["mean_pos_cos"], chance["mean_pos_cos"] = float(scores[relevant].mean()), float(scores.mean())
+    return {"metrics": metrics, "chance": chance}
 
 
 def evaluate_samples(

@@ -177,7 +177,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return {k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        return {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
 
     def fit(self) -> FitResult:
         """Train until ``epochs`` or ``patience`` epochs without improvement."""

@@ -45,9 +45,9 @@ class RandomBatchSampler:
         self._epoch_of_order = int(state["epoch"])
 
 
-def build_sampler(config: dict[str, Any], n: int, batch_size: int, seed: int) -> RandomBatchSampler:
-    """Sampler named by a stage's ``[curriculum]`` section (default: random)."""
-    pacer = config.get("pacer", "random")
+def build_sampler(config: Any, n: int, batch_size: int, seed: int) -> RandomBatchSampler:
+    """Sampler named by a stage's ``[curriculum]`` section (a ``CurriculumConfig``)."""
+    pacer = config.pacer
     if pacer != "random":
         raise ConfigError(f"[curriculum] pacer={pacer!r} is not available; use 'random'")
     return RandomBatchSampler(n, batch_size, seed)

@@ -1,0 +1,186 @@
+"""Stage files: the shipped one loads; every mistake is a ConfigError that names the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oneencoder.config import StageConfig, load_stage, parse_stage, resolve_stage_path
+from oneencoder.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE_FILE = REPO / "stages" / "image_text.toml"
+
+
+def _raw() -> dict[str, Any]:
+    return tomllib.loads(STAGE_FILE.read_text(encoding="utf-8"))
+
+
+def _without_source(config: StageConfig) -> dict[str, Any]:
+    d = config.to_dict()
+    d.pop("source")
+    return d
+
+
+def test_shipped_stage_by_name_and_by_path_agree() -> None:
+    by_name = load_stage("image_text")
+    by_path = load_stage(STAGE_FILE)
+    by_str_path = load_stage(str(STAGE_FILE))
+    assert _without_source(by_name) == _without_source(by_path) == _without_source(by_str_path)
+    assert Path(by_name.source).name == "image_text.toml"
+    assert resolve_stage_path("image_text").resolve() == STAGE_FILE.resolve()
+
+
+def test_shipped_stage_values_come_from_the_file() -> None:
+    raw = _raw()
+    config = load_stage("image_text")
+    assert config.name == raw["stage"]["name"]
+    assert list(config.modalities) == raw["stage"]["modalities"]
+    assert config.trainable == raw["stage"]["trainable"]
+    assert dataclasses.asdict(config.data) == raw["data"]
+    assert config.modality_options == raw["modalities"]
+    assert dataclasses.asdict(config.curriculum) == raw["curriculum"]
+    for section, obj in (("model", config.model), ("adapter", config.adapter), ("loss", config.loss),
+                         ("train", config.train)):
+        for key, value in raw[section].items():
+            assert getattr(obj, key) == value, (section, key)
+    # Keys the file leaves out take the dataclass defaults.
+    assert config.train.grad_clip == type(config.train)().grad_clip
+    json.dumps(config.to_dict())  # recorded in oneencoder.json: must be JSON
+
+
+def test_overrides_win_and_none_means_keep() -> None:
+    raw = _raw()
+    config = load_stage("image_text", {"train": {"epochs": 2, "seed": None},
+                                       "data": {"manifest": "m.jsonl", "cache_dir": None}})
+    assert config.train.epochs == 2
+    assert config.train.seed == raw["train"]["seed"]
+    assert config.data.manifest == "m.jsonl" and config.data.cache_dir == raw["data"]["cache_dir"]
+
+
+def _expect_error(raw: dict[str, Any], *fragments: str) -> ConfigError:
+    with pytest.raises(ConfigError) as err:
+        parse_stage(raw, "test.toml")
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+    return err.value
+
+
+def test_unknown_section() -> None:
+    raw = _raw()
+    raw["trainer"] = {"epochs": 3}
+    _expect_error(raw, "trainer")
+
+
+@pytest.mark.parametrize("section", ["data", "model", "adapter", "loss", "train"])
+def test_unknown_key_in_section(section: str) -> None:
+    raw = _raw()
+    raw.setdefault(section, {})["not_a_key"] = 1
+    _expect_error(raw, "not_a_key", f"[{section}]")
+
+
+def test_unknown_key_in_stage_section() -> None:
+    raw = _raw()
+    raw["stage"]["epochs"] = 3
+    _expect_error(raw, "epochs", "[stage]")
+
+
+@pytest.mark.parametrize("key", ["name", "modalities", "trainable"])
+def test_missing_stage_key(key: str) -> None:
+    raw = _raw()
+    del raw["stage"][key]
+    _expect_error(raw, key)
+
+
+@pytest.mark.parametrize("pair", [["image"], ["image", "text", "audio"], "image,text", ["image", 3]])
+def test_stage_needs_two_modality_names(pair: Any) -> None:
+    raw = _raw()
+    raw["stage"]["modalities"] = pair
+    _expect_error(raw, "modalities")
+
+
+@pytest.mark.parametrize(
+    "section,key,value,expected",
+    [
+        ("train", "epochs", "ten", "int"),
+        ("train", "epochs", 2.5, "int"),
+        ("train", "epochs", True, "int"),
+        ("train", "lr", "fast", "float"),
+        ("loss", "learn_temperature", 1, "bool"),
+        ("model", "pool", 1, "str"),
+        ("data", "manifest", ["a"], "str"),
+    ],
+)
+def test_wrong_type_names_the_key(section: str, key: str, value: Any, expected: str) -> None:
+    raw = _raw()
+    raw.setdefault(section, {})[key] = value
+    _expect_error(raw, f"{key} = {value!r}", expected)
+
+
+def test_int_is_accepted_where_a_float_is_expected() -> None:
+    raw = _raw()
+    raw["train"]["lr"] = 1
+    raw["loss"]["max_logit_scale"] = 50
+    config = parse_stage(raw)
+    assert config.train.lr == 1 and config.loss.max_logit_scale == 50
+
+
+def test_section_that_is_not_a_table() -> None:
+    raw = _raw()
+    raw["train"] = 5
+    _expect_error(raw, "[train]", "table")
+
+
+def test_missing_stage_file_lists_shipped_stages(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="image_text") as err:
+        load_stage(tmp_path / "nope.toml")
+    assert "nope.toml" in str(err.value)
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[stage\nname = ", encoding="utf-8")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_stage(bad)
+
+
+def test_stage_file_from_disk_with_a_typo(tmp_path: Path) -> None:
+    text = STAGE_FILE.read_text(encoding="utf-8").replace("weight_decay", "wieght_decay")
+    path = tmp_path / "typo.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="wieght_decay"):
+        load_stage(path)
+
+
+def _typo_in_modality_section(raw: dict) -> None:
+    raw["modalities"]["imgae"] = {"tokens": "grid"}
+
+
+def _typo_in_curriculum(raw: dict) -> None:
+    raw["curriculum"]["pacr"] = "linear"
+
+
+def _unknown_loss_name(raw: dict) -> None:
+    raw["loss"]["name"] = "sigmoid"
+
+
+def _trainable_as_string(raw: dict) -> None:
+    raw["stage"]["trainable"] = "projection"
+
+
+def _modality_options_not_a_table(raw: dict) -> None:
+    raw["modalities"]["text"] = 5
+
+
+@pytest.mark.parametrize("mistake", [_typo_in_modality_section, _typo_in_curriculum, _unknown_loss_name,
+                                     _trainable_as_string, _modality_options_not_a_table])
+def test_silent_config_mistakes_are_errors(mistake) -> None:
+    raw = _raw()
+    mistake(raw)
+    with pytest.raises(ConfigError):
+        parse_stage(raw, "test.toml")

@@ -1,0 +1,204 @@
+"""Adapters, the Universal Projection, locking, and the contrastive loss (tiny random inputs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oneencoder.losses import ContrastiveLoss, same_group_mask
+from oneencoder.model import Adapter, AdapterConfig, OneEncoderModel, ProjectionConfig, UniversalProjection
+
+D_MODEL = 32
+
+
+def _model(pool: str = "mean") -> OneEncoderModel:
+    torch.manual_seed(0)
+    model = OneEncoderModel(ProjectionConfig(d_model=D_MODEL, layers=2, heads=4, pool=pool))
+    model.add_modality("image", 20, 6, AdapterConfig(hidden=16))
+    model.add_modality("text", 12, 9, AdapterConfig(hidden=0))
+    return model
+
+
+def test_adapter_shapes_and_modality_token() -> None:
+    torch.manual_seed(0)
+    adapter = Adapter(20, D_MODEL, max_tokens=6, config=AdapterConfig(hidden=16))
+    tokens = torch.randn(3, 4, 20)
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [True, False, False, False]])
+    x, m = adapter(tokens, mask)
+    assert x.shape == (3, 5, D_MODEL) and m.shape == (3, 5)
+    assert m[:, 0].all() and torch.equal(m[:, 1:], mask)  # modality token is always real
+    assert torch.equal(x[:, 0], adapter.modality_token[0].expand(3, -1))
+    assert adapter.positions.shape == (1, 6, D_MODEL)
+
+
+def test_adapter_without_positions_or_hidden() -> None:
+    adapter = Adapter(12, D_MODEL, max_tokens=4, config=AdapterConfig(hidden=0, positions=False))
+    assert adapter.positions is None
+    x, m = adapter(torch.randn(2, 3, 12), torch.ones(2, 3, dtype=torch.bool))
+    assert x.shape == (2, 4, D_MODEL)
+
+
+@pytest.mark.parametrize("pool", ["mean", "token"])
+def test_projection_output_is_unit_norm(pool: str) -> None:
+    model = _model(pool).eval()
+    out = model("image", torch.randn(5, 3, 20), torch.ones(5, 3, dtype=torch.bool))
+    assert out.shape == (5, D_MODEL)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(5), atol=1e-5)
+    out = model("text", torch.randn(2, 9, 12), torch.ones(2, 9, dtype=torch.bool))
+    assert out.shape == (2, D_MODEL)
+
+
+def test_projection_rejects_unknown_pool() -> None:
+    with pytest.raises(ValueError, match="pool"):
+        UniversalProjection(ProjectionConfig(d_model=D_MODEL, pool="max"))
+
+
+@pytest.mark.parametrize("pool", ["mean", "token"])
+def test_padding_tokens_do_not_change_the_embedding(pool: str) -> None:
+    model = _model(pool).eval()
+    torch.manual_seed(1)
+    real = torch.randn(4, 5, 12)
+    lengths = torch.tensor([5, 3, 2, 1])
+    mask = torch.arange(5)[None] < lengths[:, None]
+    with torch.no_grad():
+        base = model("text", real, mask)
+        # Garbage in the masked slots and three extra padded slots: nothing may change.
+        garbage = real.clone()
+        garbage[~mask] = 1e3 * torch.randn(int((~mask).sum()), 12)
+        padded = torch.cat([garbage, 1e3 * torch.randn(4, 3, 12)], dim=1)
+        padded_mask = torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], dim=1)
+        out = model("text", padded, padded_mask)
+        # Each sample alone, trimmed to its real tokens, agrees as well.
+        alone = torch.cat([model("text", real[i : i + 1, : lengths[i]], mask[i : i + 1, : lengths[i]])
+                           for i in range(4)])
+    assert torch.allclose(base, out, atol=1e-5)
+    assert torch.allclose(base, alone, atol=1e-5)
+
+
+def test_train_mode_uses_dropout_and_eval_is_deterministic() -> None:
+    model = _model()
+    x, m = torch.randn(3, 4, 20), torch.ones(3, 4, dtype=torch.bool)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model("image", x, m), model("image", x, m))
+        model.train()
+        assert not torch.equal(model("image", x, m), model("image", x, m))
+
+
+# ----- locking ---------------------------------------------------------------------------
+
+
+def test_locked_parts_stay_frozen_and_in_eval() -> None:
+    model = _model()
+    model.lock_projection()
+    model.lock_adapter("text")
+    model.train()
+    for module in (model.projection, model.adapters["text"]):
+        assert all(not p.requires_grad for p in module.parameters())
+        assert all(not sub.training for sub in module.modules())
+    assert all(p.requires_grad for p in model.adapters["image"].parameters())
+    assert all(sub.training for sub in model.adapters["image"].modules())
+    # A gradient step only reaches the unlocked adapter.
+    out = model("image", torch.randn(3, 2, 20), torch.ones(3, 2, dtype=torch.bool))
+    out.sum().backward()
+    assert all(p.grad is None for p in model.projection.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters["image"].parameters())
+    # And still after switching modes back and forth.
+    model.eval()
+    model.train()
+    assert not model.projection.training and not model.adapters["text"].training
+    assert model.adapters["image"].training
+
+
+def test_locked_projection_is_deterministic_in_train_mode() -> None:
+    model = _model()
+    model.lock_projection()
+    model.lock_adapter("text")
+    model.train()
+    x, m = torch.randn(2, 3, 12), torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(model("text", x, m), model("text", x, m))  # no dropout anywhere on this path
+
+
+# ----- contrastive loss -----------------------------------------------------------------
+
+
+def _unit(n: int, d: int = 16, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_aligned_pairs_have_lower_loss_than_shuffled() -> None:
+    loss = ContrastiveLoss(init_temperature=0.07)
+    a = _unit(8)
+    with torch.no_grad():
+        aligned = float(loss(a, a)["loss"])
+        shuffled = float(loss(a, a[torch.roll(torch.arange(8), 1)])["loss"])
+    assert aligned < shuffled
+    assert aligned < 0.1 < math.log(8) < shuffled
+
+
+def test_loss_matches_symmetric_infonce_by_hand() -> None:
+    loss = ContrastiveLoss(init_temperature=0.1)
+    a, b = _unit(6, seed=1), _unit(6, seed=2)
+    logits = 10.0 * a @ b.T
+    ab = -torch.log_softmax(logits, dim=1).diag().mean()
+    ba = -torch.log_softmax(logits.T, dim=1).diag().mean()
+    out = loss(a, b)
+    assert torch.allclose(out["loss"], (ab + ba) / 2, atol=1e-5)
+    assert float(out["logit_scale"]) == pytest.approx(10.0, rel=1e-5)
+
+
+def test_same_group_pairs_are_not_negatives() -> None:
+    loss = ContrastiveLoss(init_temperature=0.1)
+    a, b = _unit(5, seed=3), _unit(5, seed=4)
+    groups = torch.tensor([0, 0, 1, 2, 3])  # items 0 and 1 share a caption
+    scale = float(loss.logit_scale.detach())
+    sims = scale * a @ b.T
+
+    def row_loss(scores: torch.Tensor, i: int, exclude: set[int]) -> torch.Tensor:
+        keep = [j for j in range(5) if j == i or j not in exclude]
+        return -torch.log_softmax(scores[i, keep], dim=0)[keep.index(i)]
+
+    partners = {0: {1}, 1: {0}}
+    by_hand_ab = torch.stack([row_loss(sims, i, partners.get(i, set())) for i in range(5)]).mean()
+    by_hand_ba = torch.stack([row_loss(sims.T, i, partners.get(i, set())) for i in range(5)]).mean()
+    got = loss(a, b, groups)["loss"]
+    assert torch.allclose(got, (by_hand_ab + by_hand_ba) / 2, atol=1e-5)
+    assert not torch.allclose(got, loss(a, b)["loss"], atol=1e-3)  # the exclusion matters here
+    # Only the shared-group pair is masked, never the positives on the diagonal.
+    mask = same_group_mask(groups)
+    assert mask.tolist()[0][1] and mask.tolist()[1][0] and not mask.diagonal().any()
+    assert int(mask.sum()) == 2
+
+
+def test_no_shared_groups_means_no_mask() -> None:
+    assert same_group_mask(torch.arange(4)) is None
+    assert same_group_mask(None) is None
+    loss = ContrastiveLoss()
+    a, b = _unit(4, seed=5), _unit(4, seed=6)
+    assert torch.equal(loss(a, b, torch.arange(4))["loss"], loss(a, b)["loss"])
+
+
+def test_logit_scale_clamps_at_max() -> None:
+    loss = ContrastiveLoss(init_temperature=0.001, max_logit_scale=100.0)
+    assert float(loss.logit_scale.detach()) == pytest.approx(100.0)
+    with torch.no_grad():
+        loss.log_scale.fill_(50.0)
+    assert float(loss.logit_scale.detach()) == pytest.approx(100.0)
+    # Beyond the clamp the temperature gets no gradient, so it cannot drift further.
+    out = loss(_unit(4, seed=7), _unit(4, seed=8))
+    out["loss"].backward()
+    assert float(loss.log_scale.grad) == 0.0
+    # Below the clamp it learns.
+    free = ContrastiveLoss(init_temperature=0.07)
+    free(_unit(4, seed=7), _unit(4, seed=8))["loss"].backward()
+    assert float(free.log_scale.grad) != 0.0
+
+
+def test_fixed_temperature_is_not_trainable() -> None:
+    loss = ContrastiveLoss(init_temperature=0.05, learn_temperature=False)
+    assert not loss.log_scale.requires_grad
+    assert float(loss.logit_scale.detach()) == pytest.approx(20.0)
