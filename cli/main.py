@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import cache, data
+from . import cache, curriculum, data
 from .demo import demo
 from .embed import embed
 from .evaluate import evaluate
@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(cache.app, name="cache")
+app.add_typer(curriculum.app, name="curriculum")
 app.command("train")(train)
 app.command("eval")(evaluate)
 app.command("embed")(embed)

@@ -142,7 +142,7 @@ class ImageModality(Modality):
         backbone=DEFAULT_BACKBONE,
         feature_dim=1664,  # 1280 visual + 384 label semantics (semantic = true)
         max_tokens=1,
-        preprocess_version="image-v2",
+        preprocess_version="image-v3",  # v3: pixel-complexity measurements in the cache
         record_key="image",
         default_anchor="text",
         extra_deps=("timm", "cairosvg"),
@@ -245,9 +245,90 @@ class ImageModality(Modality):
         return tokens.float(), mask
 
     def difficulty(self, raw: Image.Image, tokens: torch.Tensor) -> dict[str, float]:
-        return {"width": float(raw.width), "height": float(raw.height)}
+        """Pixel-complexity measurements for the curriculum scorers (a few ms per image).
+
+        Measured on the canvas the backbone sees: the image padded to a square
+        and resized to ``MEASURE_SIZE`` px, with transparency composited on white.
+
+        Returns:
+            ``width`` and ``height`` of the raw image, and ``edge_density`` (fraction of
+            Sobel edge pixels), ``colour_entropy`` (bits, foreground only) and
+            ``foreground_fraction`` (opaque, not near-white pixels). The last three are
+            NaN if the image's mode cannot be converted to RGBA (never raises).
+        """
+        out = {"width": float(raw.width), "height": float(raw.height)}
+        canvas = _measure_canvas(raw, MEASURE_SIZE)
+        if canvas is None:
+            return {**out, **{k: float("nan") for k in ("edge_density", "colour_entropy", "foreground_fraction")}}
+        rgb, opaque = canvas
+        foreground = opaque & (rgb.min(axis=-1) < _NEAR_WHITE)
+        return {
+            **out,
+            "edge_density": _edge_density(rgb),
+            "colour_entropy": _colour_entropy(rgb[foreground]),
+            "foreground_fraction": float(foreground.mean()),
+        }
 
 
 @functools.lru_cache(maxsize=None)
 def _cached_sha(path: Path) -> str:
     return sha256_file(path)
+
+
+# ----- difficulty measurements ---------------------------------------------------------
+
+MEASURE_SIZE = 224  # fixed canvas, so measurements compare across image sizes
+_EDGE_THRESHOLD = 0.1  # Sobel magnitude (luminance in [0, 1]) that counts as an edge
+_NEAR_WHITE = 240 / 255  # every channel at least this bright reads as background
+_COLOUR_LEVELS = 8  # per channel: 512 colour bins
+
+
+def _measure_canvas(raw: Image.Image, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """RGB ``[size, size, 3]`` in [0, 1] composited on white, and the opaque mask, or None."""
+    rgba = _as_rgba(raw)
+    if rgba is None:
+        return None
+    scale = size / max(rgba.size)
+    w, h = max(1, round(rgba.width * scale)), max(1, round(rgba.height * scale))
+    # reducing_gap: big photos are box-reduced first, which keeps this at a few ms.
+    rgba = rgba.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=1.0)
+    square = Image.new("RGBA", (size, size), (255, 255, 255, 0))
+    square.paste(rgba, ((size - w) // 2, (size - h) // 2))
+    arr = np.asarray(square, dtype=np.float32) / 255.0
+    alpha = arr[..., 3:]
+    return arr[..., :3] * alpha + (1.0 - alpha), alpha[..., 0] >= 0.5
+
+
+def _as_rgba(raw: Image.Image) -> Image.Image | None:
+    """``raw`` as RGBA; odd modes go through RGB or L, and None if nothing works."""
+    if raw.mode == "RGBA":
+        return raw
+    for route in (("RGBA",), ("RGB", "RGBA"), ("L", "RGBA")):
+        try:
+            img = raw
+            for mode in route:
+                img = img.convert(mode)
+            return img
+        except (ValueError, OSError):
+            continue
+    return None
+
+
+def _edge_density(rgb: np.ndarray) -> float:
+    """Fraction of pixels whose normalised Sobel gradient of luminance exceeds the threshold."""
+    gray = np.pad(rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32), 1, mode="edge")
+    gx = (gray[:-2, 2:] + 2 * gray[1:-1, 2:] + gray[2:, 2:]) - (gray[:-2, :-2] + 2 * gray[1:-1, :-2] + gray[2:, :-2])
+    gy = (gray[2:, :-2] + 2 * gray[2:, 1:-1] + gray[2:, 2:]) - (gray[:-2, :-2] + 2 * gray[:-2, 1:-1] + gray[:-2, 2:])
+    # /4: a sharp step from 0 to 1 has magnitude 1.
+    return float((np.hypot(gx, gy) / 4.0 > _EDGE_THRESHOLD).mean())
+
+
+def _colour_entropy(pixels: np.ndarray) -> float:
+    """Shannon entropy (bits) of the quantised RGB histogram of ``pixels [n, 3]``; 0 if empty."""
+    if pixels.shape[0] == 0:
+        return 0.0
+    q = np.minimum((pixels * _COLOUR_LEVELS).astype(np.int64), _COLOUR_LEVELS - 1)
+    codes = (q[:, 0] * _COLOUR_LEVELS + q[:, 1]) * _COLOUR_LEVELS + q[:, 2]
+    counts = np.bincount(codes)
+    p = counts[counts > 0] / pixels.shape[0]
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: one colour gives 0.0, not -0.0

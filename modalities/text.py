@@ -44,7 +44,7 @@ class Text(Modality):
         backbone=DEFAULT_BACKBONE,
         feature_dim=384,
         max_tokens=33,  # pooled sentence token + 32 word-piece tokens
-        preprocess_version="text-v1",
+        preprocess_version="text-v2",  # v2: n_chars and word-piece n_tokens in the cache
         record_key="caption",
         default_anchor="image",
         dedupe_in_eval=True,
@@ -83,7 +83,14 @@ class Text(Modality):
 
     def load_backbone(self) -> nn.Module:
         transformers = require("transformers")
-        model = transformers.AutoModel.from_pretrained(str(_model_dir(self.backbone_id)), local_files_only=True)
+        hf_logging = transformers.utils.logging
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a per-load bar is noise inside our own progress bars
+        try:
+            model = transformers.AutoModel.from_pretrained(str(_model_dir(self.backbone_id)), local_files_only=True)
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
         return freeze(model)
 
     def load(self, source: Any) -> str:
@@ -124,4 +131,21 @@ class Text(Modality):
         return torch.cat([pooled, tokens], dim=1), torch.cat([ones, mask], dim=1)
 
     def difficulty(self, raw: str, tokens: torch.Tensor) -> dict[str, float]:
-        return {"n_words": float(len(raw.split())), "n_tokens": float(tokens.shape[0])}
+        """Length measurements for the curriculum scorers.
+
+        Noun counts need spaCy, so the ``text_nouns`` scorer computes them instead;
+        cache builds stay free of that dependency.
+
+        Returns:
+            ``n_words`` (whitespace-separated), ``n_chars`` and ``n_tokens``: backbone
+            word pieces including [CLS]/[SEP] (after truncation), not the pooled token.
+        """
+        mode = self.options["tokens"]
+        if mode == "tokens":
+            n_tokens = tokens.shape[0]
+        elif mode == "pooled+tokens":
+            n_tokens = tokens.shape[0] - 1  # the first cached token is the pooled sentence embedding
+        else:  # only the pooled token is cached: count the word pieces again (tokenizer only, ~0.1 ms)
+            limit = int(self.options["max_tokens"])
+            n_tokens = len(self.tokenizer(raw, truncation=True, max_length=limit)["input_ids"])
+        return {"n_words": float(len(raw.split())), "n_chars": float(len(raw)), "n_tokens": float(n_tokens)}

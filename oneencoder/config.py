@@ -27,10 +27,12 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "infonce"
+    name: str = "infonce"  # infonce | hnnce | margin
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     learn_temperature: bool = True
+    beta: float = 0.0  # hnnce: weight of hard negatives (0 = InfoNCE)
+    max_margin: float = 0.0  # margin: margin of the hardest pair, scaled by its difficulty (0 = InfoNCE)
 
 
 @dataclass
@@ -51,7 +53,16 @@ class TrainConfig:
 
 @dataclass
 class CurriculumConfig:
-    pacer: str = "random"
+    """Which pairs and negatives each step sees (see docs/curriculum.md)."""
+
+    pacer: str = "random"  # random | anti | phases | linear | root | geometric | windows | self_paced
+    pacer_options: dict = field(default_factory=dict)  # e.g. {start = 0.25, full_at = 0.8}
+    scorers: dict = field(default_factory=lambda: {"text_nouns": 1.0})  # scorer -> weight (rank average)
+    hard_negatives: float = 0.0  # final share of a batch filled with mined near neighbours
+    hn_start: float = 0.0  # share at the start of training
+    hn_k: int = 10  # neighbours mined per sample
+    hn_source: str = "frozen"  # frozen: backbone features; model: current embeddings, refreshed each epoch
+    loss_predictor: bool = True  # self_paced: a small net predicts the loss of samples not seen recently
 
 
 @dataclass
@@ -176,7 +187,13 @@ def _check_values(config: StageConfig, source: str) -> None:
         (config.model.layers >= 1, "[model] layers must be at least 1"),
         (0.0 <= config.model.dropout < 1.0 and 0.0 <= config.adapter.dropout < 1.0, "dropout must be in [0, 1)"),
         (config.adapter.hidden >= 0, "[adapter] hidden must be >= 0 (0 = linear adapter)"),
-        (config.loss.name == "infonce", f"[loss] name = {config.loss.name!r}: only 'infonce' is available"),
+        (config.loss.name in ("infonce", "hnnce", "margin"),
+         f"[loss] name = {config.loss.name!r}: use 'infonce', 'hnnce' or 'margin'"),
+        (0.0 <= config.curriculum.hard_negatives <= 1.0 and 0.0 <= config.curriculum.hn_start <= 1.0,
+         "[curriculum] hard_negatives and hn_start must be in [0, 1]"),
+        (config.curriculum.hn_source in ("frozen", "model"), "[curriculum] hn_source must be 'frozen' or 'model'"),
+        (all(isinstance(w, (int, float)) and w >= 0 for w in config.curriculum.scorers.values()),
+         "[curriculum] scorers must map scorer names to non-negative weights"),
         (config.loss.init_temperature > 0, "[loss] init_temperature must be > 0"),
         (config.train.epochs >= 1, "[train] epochs must be >= 1"),
         (config.train.batch_size >= 2, "[train] batch_size must be >= 2 (contrastive loss needs negatives)"),

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import ConfigError
 
 
 def same_group_mask(groups: torch.Tensor | None) -> torch.Tensor | None:
@@ -20,6 +24,10 @@ def same_group_mask(groups: torch.Tensor | None) -> torch.Tensor | None:
 
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE (CLIP) with a learned, clamped temperature.
+
+    Subclasses change the loss through two hooks: ``pair_logits`` (both directions,
+    e.g. a margin on the positives) and ``row_losses`` (one direction's per-row
+    cross-entropy, e.g. re-weighted negatives).
 
     Args:
         init_temperature: Starting temperature.
@@ -45,9 +53,136 @@ class ContrastiveLoss(nn.Module):
             logits = logits.masked_fill(mask, float("-inf"))
         return logits
 
+    def row_losses(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B]`` cross-entropy of each row against its diagonal positive (one direction)."""
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return F.cross_entropy(logits, target, reduction="none")
+
+    def symmetric(self, logits: torch.Tensor, **row_options: Any) -> dict[str, torch.Tensor]:
+        """Loss dict from the ``[B, B]`` a→b logits: mean over both directions."""
+        per_ab = self.row_losses(logits, **row_options)
+        per_ba = self.row_losses(logits.t(), **row_options)
+        return {"loss": (per_ab.mean() + per_ba.mean()) / 2,
+                # Per pair, detached: what self-paced samplers and difficulty trackers observe.
+                "per_sample": ((per_ab + per_ba) / 2).detach(),
+                "logit_scale": self.logit_scale.detach()}
+
     def forward(self, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Args: ``a``, ``b``: ``[B, D]`` unit embeddings, row i of each is a pair; ``groups``: ``[B]``.
+
+        Returns ``loss`` (scalar), ``per_sample`` (``[B]``, detached) and ``logit_scale``.
+        """
+        return self.symmetric(self.logits(a, b, groups))
+
+
+class HardNegativeLoss(ContrastiveLoss):
+    """HN-NCE (Radenovic et al., 2023): InfoNCE whose negatives are re-weighted by hardness.
+
+    In row i the denominator's negatives get ``w_ij = n_i · exp(β s_ij) / Σ_k exp(β s_ik)``
+    (k over the row's negatives), with ``s`` the temperature-scaled similarity as in the
+    paper and ``n_i`` the row's number of negatives (``N - 1`` without groups). Same-group
+    pairs are neither negatives nor part of the normalisation, so the weights average 1
+    over the real negatives and ``β = 0`` is exactly InfoNCE. Each direction is
+    re-weighted along its own rows. Gradients flow through the weights, as in the paper.
+
+    Args:
+        beta: Hardness concentration (0 = InfoNCE; larger focuses on the closest negatives).
+        **kwargs: ``ContrastiveLoss`` options (temperature).
+    """
+
+    def __init__(self, beta: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if beta < 0:
+            raise ConfigError(f"[loss] beta = {beta} must be >= 0")
+        self.beta = float(beta)
+
+    def row_losses(self, logits: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+        beta = self.beta if beta is None else float(beta)
+        n = logits.shape[0]
+        negative = torch.isfinite(logits) & ~torch.eye(n, dtype=torch.bool, device=logits.device)
+        # A finite floor (not -inf) for non-negatives keeps 0·(-inf) and all -inf rows NaN-free.
+        floor = torch.finfo(logits.dtype).min
+        hard = (beta * logits.masked_fill(~negative, 0.0)).masked_fill(~negative, floor)
+        count = negative.sum(dim=1, keepdim=True).clamp(min=1).to(logits.dtype)
+        log_w = count.log() + hard - torch.logsumexp(hard, dim=1, keepdim=True)
+        return super().row_losses(torch.where(negative, logits + log_w, logits))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None,
+                beta: float | None = None) -> dict[str, torch.Tensor]:
+        """As ``ContrastiveLoss.forward``; ``beta`` overrides the configured β for this call
+        (e.g. a hardness that grows over training)."""
+        return self.symmetric(self.logits(a, b, groups), beta=beta)
+
+
+class MarginLoss(ContrastiveLoss):
+    """InfoNCE with an additive margin on the positive cosine (as in CosFace/AM-softmax).
+
+    The positive logit becomes ``scale · (cos_ii - m_i)`` in both directions, so a pair
+    must beat its negatives by ``m_i`` before its loss vanishes. ``m`` is a scalar or a
+    per-pair ``[B]`` tensor, e.g. a dynamic margin ``max_margin · difficulty`` that the
+    caller computes from per-sample difficulty in ``[0, 1]``. ``m = 0`` is exactly InfoNCE.
+
+    Args:
+        margin: Default margin when ``forward`` gets none.
+        **kwargs: ``ContrastiveLoss`` options (temperature).
+    """
+
+    def __init__(self, margin: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.margin = float(margin)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None,
+                margin: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """As ``ContrastiveLoss.forward``; ``margin`` (scalar or ``[B]``) overrides the default."""
+        m = self.margin if margin is None else margin
+        m = torch.as_tensor(m, dtype=a.dtype, device=a.device).expand(a.shape[0])
         logits = self.logits(a, b, groups)
-        target = torch.arange(a.shape[0], device=a.device)
-        loss_ab = F.cross_entropy(logits, target)
-        loss_ba = F.cross_entropy(logits.t(), target)
-        return {"loss": (loss_ab + loss_ba) / 2, "logit_scale": self.logit_scale.detach()}
+        # Only the diagonal moves, so both directions see the same margined positive.
+        logits = logits - torch.diag_embed(self.logit_scale * m)
+        return self.symmetric(logits)
+
+
+# ----- registry -------------------------------------------------------------------------
+
+L = TypeVar("L", bound=type[ContrastiveLoss])
+_LOSSES: dict[str, type[ContrastiveLoss]] = {}
+
+
+def register_loss(name: str) -> Callable[[L], L]:
+    """Class decorator: make a loss available to ``create_loss`` under ``name``."""
+
+    def wrap(cls: L) -> L:
+        if name in _LOSSES and _LOSSES[name] is not cls:
+            raise ValueError(f"loss {name!r} is already registered by {_LOSSES[name].__qualname__}")
+        _LOSSES[name] = cls
+        return cls
+
+    return wrap
+
+
+register_loss("infonce")(ContrastiveLoss)
+register_loss("hnnce")(HardNegativeLoss)
+register_loss("margin")(MarginLoss)
+
+
+def list_losses() -> list[str]:
+    """Names of every registered loss."""
+    return sorted(_LOSSES)
+
+
+def create_loss(name: str, **options: Any) -> ContrastiveLoss:
+    """Instantiate a registered loss; unknown names or options raise ``ConfigError``.
+
+    Example:
+        >>> loss = create_loss("hnnce", beta=0.5, init_temperature=0.07)
+    """
+    try:
+        cls = _LOSSES[name]
+    except KeyError:
+        raise ConfigError(f"unknown loss {name!r}; registered: {', '.join(list_losses())}") from None
+    known = {p for klass in cls.__mro__ if klass is not nn.Module and "__init__" in vars(klass)
+             for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
+    unknown = set(options) - known
+    if unknown:
+        raise ConfigError(f"loss {name!r}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**options)

@@ -8,7 +8,6 @@ adapters; an add-modality stage trains one adapter and its token).
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,14 @@ from .bank import FeatureBank
 from .cache import FeatureCache, cache_dir_for
 from .checkpoint import META, load_model, modality_meta, save_model
 from .config import StageConfig
-from .curriculum import build_sampler
+from .curriculum.difficulty import DifficultyTable, compute_difficulty, difficulty_path
+from .curriculum.online import LossPredictor
+from .curriculum.samplers import build_sampler, mine_neighbours
+from .curriculum.scorers import list_scorers
 from .errors import ConfigError, OneEncoderError
 from .evaluate import embed_bank, evaluate_samples, retrieval_between
 from .fileio import write_json_atomic
-from .losses import ContrastiveLoss
+from .losses import create_loss
 from .manifest import manifest_hash, read_manifest
 from .model import OneEncoderModel
 from .registry import Modality, create_modality
@@ -66,24 +68,30 @@ class PairObjective(nn.Module):
     """Contrastive loss of a batch of aligned pairs gathered from feature banks.
 
     If ``fixed_b`` is given, side ``b`` is a frozen anchor whose embeddings were
-    computed once; only side ``a`` runs through the model.
+    computed once; only side ``a`` runs through the model. With ``margins``
+    (per training pair), the loss gets a dynamic margin that grows with difficulty.
     """
 
     def __init__(self, model: OneEncoderModel, loss: nn.Module, pair: tuple[str, str], data: PairSplit,
-                 fixed_b: torch.Tensor | None = None) -> None:
+                 fixed_b: torch.Tensor | None = None, margins: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model, self.loss, self.pair = model, loss, pair
         self.data = data
         self.register_buffer("groups", data.group_codes, persistent=False)
         self.register_buffer("fixed_b", fixed_b, persistent=False)
+        self.register_buffer("margins", margins, persistent=False)
 
-    def forward(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    def embed(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.pair
-        device = self.groups.device
-        index = index.to(device)
         ea = self.model(a, *self.data.banks[a].gather(index))
         eb = self.fixed_b[index] if self.fixed_b is not None else self.model(b, *self.data.banks[b].gather(index))
-        return self.loss(ea.float(), eb.float(), self.groups[index])
+        return ea.float(), eb.float()
+
+    def forward(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        index = index.to(self.groups.device)
+        ea, eb = self.embed(index)
+        extra = {"margin": self.margins[index]} if self.margins is not None else {}
+        return self.loss(ea, eb, self.groups[index], **extra)
 
 
 def _score(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
@@ -94,6 +102,52 @@ def _score(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
             out[f"{direction}/{k}"] = r["metrics"][k]
     out["score"] = sum(out.values()) / max(1, len(out))
     return out
+
+
+def stage_difficulty(config: StageConfig, records: list[dict], scorers: list[str] | None = None,
+                     force: bool = False) -> tuple[DifficultyTable, Path]:
+    """Difficulty scores of the stage's training pairs, computed once and stored next to the cache.
+
+    A stored table is reused when it covers the same pairs and every scorer the stage weights.
+    """
+    names = tuple(config.modalities)
+    path = difficulty_path(config.data.cache_dir, names)
+    wanted = scorers or list_scorers()
+    train = [r for r in records if r.get("split") == "train"]
+    if path.exists() and not force:
+        table = DifficultyTable.load(path)
+        cached_ids = set(load_pair_split(records, "train", _stage_modalities(config), config.data.cache_dir).ids)
+        if set(table.ids) == cached_ids and all(s in table.scores for s in config.curriculum.scorers):
+            return table, path
+    table = compute_difficulty(train, config.data.cache_dir, _stage_modalities(config), wanted)
+    table.save(path)
+    return table, path
+
+
+def _stage_modalities(config: StageConfig) -> dict[str, Modality]:
+    return {n: create_modality(n, **config.modality_options.get(n, {})) for n in config.modalities}
+
+
+def _aligned(table: DifficultyTable, weights: dict[str, float], ids: list[str]) -> torch.Tensor:
+    """Combined difficulty in [0, 1] for ``ids`` in that order."""
+    combined = table.combined(weights)
+    where = {sid: i for i, sid in enumerate(table.ids)}
+    return torch.tensor([float(combined[where[sid]]) for sid in ids], dtype=torch.float32)
+
+
+def _pooled_frozen(train: PairSplit) -> torch.Tensor:
+    """Both modalities' frozen features, mean-pooled and unit-norm, side by side: ``[N, D_a + D_b]``."""
+    parts = []
+    for bank in train.banks.values():
+        tokens, mask = bank.gather(torch.arange(len(bank)))
+        pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        parts.append(torch.nn.functional.normalize(pooled.float().cpu(), dim=-1))
+    return torch.cat(parts, dim=1) / len(parts) ** 0.5
+
+
+def _frozen_neighbours(train: PairSplit, k: int) -> torch.Tensor:
+    """Near neighbours in both frozen feature spaces (mean of the two cosines), other groups only."""
+    return mine_neighbours(_pooled_frozen(train), train.group_codes, k)
 
 
 def _prepare_model(config: StageConfig, model_dir: Path, modalities: dict[str, Modality], overwrite: bool,
@@ -140,17 +194,36 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
         torch.use_deterministic_algorithms(True, warn_only=True)
     records = read_manifest(config.data.manifest)
     names = list(config.modalities)
-    modalities = {n: create_modality(n, **config.modality_options.get(n, {})) for n in names}
+    modalities = _stage_modalities(config)
     model = _prepare_model(config, model_dir, modalities, overwrite, resuming)
     train = load_pair_split(records, "train", modalities, config.data.cache_dir, device)
     val = load_pair_split(records, "val", modalities, config.data.cache_dir, device)
     if len(train.ids) < 2 or len(val.ids) < 1:
         raise OneEncoderError(f"{config.data.manifest}: need train and val pairs cached for {names}; "
                               f"have {len(train.ids)} train, {len(val.ids)} val (run `oneencoder cache build`)")
-    lc = config.loss
-    loss = ContrastiveLoss(lc.init_temperature, lc.max_logit_scale, lc.learn_temperature)
-    objective = PairObjective(model, loss, (names[0], names[1]), train)
-    sampler = build_sampler(config.curriculum, len(train.ids), config.train.batch_size, config.train.seed)
+    lc, cur = config.loss, config.curriculum
+    loss = create_loss(lc.name, init_temperature=lc.init_temperature, max_logit_scale=lc.max_logit_scale,
+                       learn_temperature=lc.learn_temperature,
+                       **({"beta": lc.beta} if lc.name == "hnnce" else {}))
+    needs_difficulty = cur.pacer != "random" or lc.name == "margin"
+    difficulty = (_aligned(stage_difficulty(config, records)[0], cur.scorers, train.ids)
+                  if needs_difficulty else None)
+    neighbours = _frozen_neighbours(train, cur.hn_k) if cur.hard_negatives > 0 else None
+    margins = lc.max_margin * difficulty if lc.name == "margin" and difficulty is not None else None
+    objective = PairObjective(model, loss, (names[0], names[1]), train, margins=margins)
+    predictor = (LossPredictor(_pooled_frozen(train), seed=config.train.seed)
+                 if cur.pacer == "self_paced" and cur.loss_predictor else None)
+    sampler = build_sampler(cur, len(train.ids), config.train.batch_size, config.train.seed,
+                            difficulty=None if difficulty is None else difficulty.numpy(),
+                            groups=train.group_codes, neighbours=neighbours, predictor=predictor)
+    callbacks = []
+    if cur.hard_negatives > 0 and cur.hn_source == "model":
+        def refresh_neighbours(epoch: int) -> None:  # mine on the current embeddings
+            with torch.no_grad():
+                ea, eb = objective.embed(torch.arange(len(train.ids), device=objective.groups.device))
+            both = torch.cat([ea, eb], dim=1).cpu() / 2**0.5
+            sampler.set_neighbours(mine_neighbours(both, train.group_codes, cur.hn_k))
+        callbacks.append(refresh_neighbours)
     a, b = names
     dedupe = {n: modalities[n].spec.dedupe_in_eval for n in names}
     metas = {n: modality_meta(m) for n, m in modalities.items()}
@@ -167,7 +240,7 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     def on_best(val_metrics: dict[str, float]) -> None:
         save_model(model, model_dir, metas, {**entry, "val": val_metrics}, write=list(config.trainable))
 
-    trainer = Trainer(config.train, objective, sampler, validate, on_best, run_dir, device, progress)
+    trainer = Trainer(config.train, objective, sampler, validate, on_best, run_dir, device, progress, callbacks)
     if resuming and trainer.try_resume():
         print(f"resuming {config.name} from step {trainer.step} (epoch {trainer.epoch})")
     fit = trainer.fit()

@@ -99,7 +99,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, objective: nn.Module, sampler: BatchSampler,
                  validate: Callable[[], dict[str, float]], on_best: Callable[[dict[str, float]], None],
-                 run_dir: str | Path, device: torch.device | None = None, progress: bool = True) -> None:
+                 run_dir: str | Path, device: torch.device | None = None, progress: bool = True,
+                 epoch_callbacks: list[Callable[[int], None]] | None = None) -> None:
         self.config = config
         self.device = device or pick_device(config.device)
         self.objective = objective.to(self.device)
@@ -108,6 +109,7 @@ class Trainer:
         self.on_best = on_best
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.epoch_callbacks = epoch_callbacks or []  # run on every rank after each epoch
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.trainable = [p for p in objective.parameters() if p.requires_grad]
@@ -177,6 +179,9 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
+        observe = getattr(self.sampler, "observe", None)
+        if observe is not None and "per_sample" in out:  # self-paced curricula track per-sample losses
+            observe(index, out["per_sample"].detach())
         return {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
 
     def fit(self) -> FitResult:
@@ -194,6 +199,8 @@ class Trainer:
                 if self.rank == 0 and self.step % self.config.log_every == 0:
                     append_jsonl(log_path, {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **logs})
             self.epoch += 1
+            for callback in self.epoch_callbacks:
+                callback(self.epoch)
             if self.rank == 0:
                 self._end_epoch(log_path)
             if self.distributed:  # every rank must agree on early stopping

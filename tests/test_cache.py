@@ -73,14 +73,16 @@ def test_good_samples_are_cached_as_fp16_with_right_lengths(built, stage_modalit
                 assert feats.dtype == torch.float16 and feats.shape == (n, modality.feature_dim)
                 if name == "text":
                     ids = text.preprocess(text.load(rec["caption"]))
-                    assert n == len(ids) + 1  # pooled token + real tokens
+                    # "pooled": one sentence token; "pooled+tokens": that token plus the word pieces.
+                    assert n == {"pooled": 1, "pooled+tokens": len(ids) + 1, "tokens": len(ids)}[text.options["tokens"]]
                     meas = cache.measurements([rec["id"]])[0]
-                    assert meas == {"n_words": float(len(rec["caption"].split())), "n_tokens": float(n)}
+                    assert meas == {"n_words": float(len(rec["caption"].split())), "n_chars": float(len(rec["caption"])),
+                                    "n_tokens": float(len(ids))}  # word pieces, never the pooled token
                 else:
                     assert n == image.max_tokens  # every image gives the same number of tokens
                     meas = cache.measurements([rec["id"]])[0]
                     img = image.load(rec["image"])
-                    assert meas == {"width": float(img.width), "height": float(img.height)}
+                    assert meas == image.difficulty(img, None)
     # Cached values are the backbone's output rounded to fp16.
     rec = records[3]
     with FeatureCache(cache_dir_for(root, "text"), text.fingerprint(), readonly=True) as cache:

@@ -13,6 +13,13 @@ from PIL import Image
 from oneencoder.backbones import torch_load_weights
 from oneencoder.errors import SampleError
 from oneencoder.modalities.image import _default_weights, lukemelas_to_timm
+from oneencoder.registry import Modality, create_modality
+
+
+@pytest.fixture(scope="session")
+def text_modality() -> Modality:
+    """Token-level text (sentence token + word pieces): these tests are about masks and padding."""
+    return create_modality("text", tokens="pooled+tokens", max_tokens=32)
 
 EGYPTIAN_CAT = 285  # ImageNet-1k class index
 
