@@ -186,6 +186,13 @@ class ImageModality(Modality):
             raise ConfigError(f"[modalities.image] backbone {self.backbone_id!r} needs a local `weights` file")
         return _default_weights()
 
+    def language_slice(self) -> tuple[int, int] | None:
+        # Label semantics of the pooled token (first token unless tokens = "grid").
+        if not self.options["semantic"] or self.options["tokens"] == "grid":
+            return None
+        visual = int(self.options["feature_dim"])
+        return (visual, self.feature_dim)
+
     def weights_sha256(self) -> str:
         sha = _cached_sha(self._weights_path())
         if self.options["semantic"]:  # label semantics also depend on the text backbone

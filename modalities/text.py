@@ -73,6 +73,10 @@ class Text(Modality):
     def feature_dim(self) -> int:
         return int(self.options["feature_dim"])
 
+    def language_slice(self) -> tuple[int, int] | None:
+        # The pooled sentence embedding (first token) is the language space itself.
+        return None if self.options["tokens"] == "tokens" else (0, self.feature_dim)
+
     def weights_sha256(self) -> str:
         return _weights_sha(_model_dir(self.backbone_id))
 

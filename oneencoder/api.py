@@ -79,7 +79,7 @@ class OneEncoder:
             tokens, mask = m.encode(backbone, m.collate(items))
             out.append(self.encode_features(modality, tokens, mask))
         if not out:
-            return torch.empty(0, self.meta["d_model"])
+            return torch.empty(0, self.model.embed_dim)
         return torch.cat(out)
 
     @staticmethod
@@ -88,7 +88,7 @@ class OneEncoder:
         return a @ b.t()
 
     def __repr__(self) -> str:
-        return f"OneEncoder({str(self.model_dir)!r}, modalities={self.modalities}, d={self.meta['d_model']})"
+        return f"OneEncoder({str(self.model_dir)!r}, modalities={self.modalities}, d={self.model.embed_dim})"
 
 
 def load(model_dir: str | Path, device: str | torch.device | None = None) -> OneEncoder:

@@ -75,12 +75,19 @@ def save_model(
     meta = read_meta(model_dir) if (model_dir / META).exists() else {
         "format_version": FORMAT_VERSION,
         "d_model": model.projection_config.d_model,
+        "embed_dim": model.embed_dim,
         "projection": asdict(model.projection_config),
         "modalities": {},
         "stages": [],
         "files": {},
     }
     if "projection" in write:
+        # A new projection invalidates every adapter trained against the old one.
+        stale = [n for n in meta["modalities"] if n not in write]
+        if stale:
+            raise OneEncoderError(f"retraining the projection in {model_dir} would orphan adapters {stale}")
+        meta.update({"d_model": model.projection_config.d_model, "embed_dim": model.embed_dim,
+                     "projection": asdict(model.projection_config)})
         meta["files"][PROJECTION] = _save_module(model.projection, model_dir / PROJECTION)
     for name in write:
         if name == "projection":
@@ -116,7 +123,8 @@ def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu") 
     model = OneEncoderModel(ProjectionConfig(**meta["projection"]))
     model.projection.load_state_dict(load_file(str(model_dir / PROJECTION), device=str(map_location)))
     for name, info in meta["modalities"].items():
-        adapter = model.add_modality(name, info["feature_dim"], info["max_tokens"], AdapterConfig(**info["adapter"]))
+        adapter = model.add_modality(name, info["feature_dim"], info["max_tokens"], AdapterConfig(**info["adapter"]),
+                                     info.get("language_slice"))
         adapter.load_state_dict(load_file(str(model_dir / adapter_file(name)), device=str(map_location)))
     return model.eval(), meta
 
@@ -126,7 +134,8 @@ def modality_meta(modality: Modality) -> dict[str, Any]:
     fp = modality.fingerprint()
     return {"backbone": fp["backbone"], "weights_sha256": fp["weights_sha256"], "feature_dim": fp["feature_dim"],
             "max_tokens": fp["max_tokens"], "preprocess_version": fp["preprocess_version"],
-            "record_key": modality.spec.record_key, "options": fp["options"]}
+            "record_key": modality.spec.record_key, "options": fp["options"],
+            "language_slice": modality.language_slice()}
 
 
 def modality_from_meta(name: str, info: dict[str, Any]) -> Modality:

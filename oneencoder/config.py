@@ -185,6 +185,7 @@ def _check_values(config: StageConfig, source: str) -> None:
         (config.model.d_model > 0 and config.model.heads > 0 and config.model.d_model % config.model.heads == 0,
          f"[model] d_model = {config.model.d_model} must be a positive multiple of heads = {config.model.heads}"),
         (config.model.layers >= 1, "[model] layers must be at least 1"),
+        (0.0 <= config.model.language_prior < 1.0, "[model] language_prior must be in [0, 1)"),
         (0.0 <= config.model.dropout < 1.0 and 0.0 <= config.adapter.dropout < 1.0, "dropout must be in [0, 1)"),
         (config.adapter.hidden >= 0, "[adapter] hidden must be >= 0 (0 = linear adapter)"),
         (config.loss.name in ("infonce", "hnnce", "margin"),

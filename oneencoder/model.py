@@ -23,6 +23,11 @@ class ProjectionConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.1
     pool: str = "mean"  # mean over real tokens, or "token": the modality token's output
+    # Residual blend with a frozen language-space prior (as CLIP-Adapter blends adapted and
+    # original features): embedding = [sqrt(1-w) * learned, sqrt(w) * frozen sentence-space vector].
+    # Modalities without such a vector contribute zeros there, so their rankings use the learned part.
+    language_prior: float = 0.0
+    language_dim: int = 384
 
 
 @dataclass
@@ -103,20 +108,45 @@ class OneEncoderModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self._locked: list[nn.Module] = []
+        self.language_slices: dict[str, tuple[int, int] | None] = {}
 
     @property
     def modalities(self) -> list[str]:
         return list(self.adapters)
 
-    def add_modality(self, name: str, feature_dim: int, max_tokens: int, config: AdapterConfig | None = None) -> Adapter:
+    @property
+    def embed_dim(self) -> int:
+        """Width of the output embedding."""
+        cfg = self.projection_config
+        return cfg.d_model + (cfg.language_dim if cfg.language_prior > 0 else 0)
+
+    def add_modality(self, name: str, feature_dim: int, max_tokens: int, config: AdapterConfig | None = None,
+                     language_slice: tuple[int, int] | None = None) -> Adapter:
+        """Add a modality's adapter. ``language_slice``: dims of its first token that already
+        live in the frozen language space (used only with ``language_prior > 0``)."""
         config = config or AdapterConfig()
+        if language_slice is not None:
+            language_slice = (int(language_slice[0]), int(language_slice[1]))
+            if language_slice[1] - language_slice[0] != self.projection_config.language_dim:
+                raise ValueError(f"{name}: language slice {language_slice} is not "
+                                 f"{self.projection_config.language_dim} wide")
+        self.language_slices[name] = language_slice
         self.adapters[name] = Adapter(feature_dim, self.projection_config.d_model, max_tokens, config)
         self.adapter_configs[name] = config
         return self.adapters[name]
 
     def forward(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x, mask = self.adapters[modality](tokens, mask)
-        return self.projection(x, mask)
+        x, adapted_mask = self.adapters[modality](tokens, mask)
+        learned = self.projection(x, adapted_mask)
+        weight = self.projection_config.language_prior
+        if weight <= 0:
+            return learned
+        span = self.language_slices.get(modality)
+        if span is None:
+            prior = learned.new_zeros(learned.shape[0], self.projection_config.language_dim)
+        else:
+            prior = F.normalize(tokens[:, 0, span[0] : span[1]].to(learned.dtype), dim=-1)
+        return torch.cat([learned * (1 - weight) ** 0.5, prior * weight**0.5], dim=-1)
 
     # open_clip-style locking: frozen parts are eval-mode and grad-free.
     def lock_projection(self) -> None:

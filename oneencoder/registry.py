@@ -124,6 +124,11 @@ class Modality(ABC):
     def encode(self, backbone: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Return token features ``[B, T, D]`` and a bool mask ``[B, T]`` (True = real token)."""
 
+    def language_slice(self) -> tuple[int, int] | None:
+        """Dims of the first token that already live in the frozen text backbone's sentence
+        space (e.g. a pooled sentence embedding), or None. Enables ``[model] language_prior``."""
+        return None
+
     def difficulty(self, raw: Any, tokens: torch.Tensor) -> dict[str, float]:
         """Per-sample measurements for curriculum scorers (override per modality)."""
         return {}

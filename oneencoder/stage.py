@@ -150,6 +150,12 @@ def _frozen_neighbours(train: PairSplit, k: int) -> torch.Tensor:
     return mine_neighbours(_pooled_frozen(train), train.group_codes, k)
 
 
+def _remove_model_files(model_dir: Path) -> None:
+    (model_dir / META).unlink(missing_ok=True)
+    (model_dir / "projection.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(model_dir / "adapters", ignore_errors=True)
+
+
 def _prepare_model(config: StageConfig, model_dir: Path, modalities: dict[str, Modality], overwrite: bool,
                    resuming: bool) -> OneEncoderModel:
     trains_projection = "projection" in config.trainable
@@ -157,6 +163,8 @@ def _prepare_model(config: StageConfig, model_dir: Path, modalities: dict[str, M
     if trains_projection:
         if exists and not (overwrite or resuming):
             raise OneEncoderError(f"{model_dir} already holds a model; pass --overwrite to retrain Stage 1 into it")
+        if exists and not resuming:  # a fresh Stage 1: nothing of the old model may survive
+            _remove_model_files(model_dir)
         model = OneEncoderModel(config.model)
     else:
         if not exists:
@@ -168,7 +176,7 @@ def _prepare_model(config: StageConfig, model_dir: Path, modalities: dict[str, M
         if name not in modalities:
             raise ConfigError(f"[stage] trainable lists {name!r}, which is not one of the stage's modalities")
         m = modalities[name]
-        model.add_modality(name, m.feature_dim, m.max_tokens, config.adapter)
+        model.add_modality(name, m.feature_dim, m.max_tokens, config.adapter, m.language_slice())
     for name in model.modalities:
         if name not in config.trainable:
             model.lock_adapter(name)

@@ -110,13 +110,18 @@ def test_eval_prints_recall_and_chance(trained_model, small_manifest, small_cach
         assert saved["directions"][direction]["chance"] == pytest.approx(r["chance"])
 
 
+def _embed_dim(trained_model) -> int:
+    """Output width recorded in the model directory (d_model, plus the language prior if blended)."""
+    return json.loads((Path(trained_model["dir"]) / "oneencoder.json").read_text())["embed_dim"]
+
+
 def test_embed_writes_an_array(trained_model, tmp_path: Path) -> None:
     out = tmp_path / "x.npy"
     result = invoke("embed", "text", "A badger.", "A red apple.", "--model", trained_model["dir"], "--out", out,
                     "--query", "A badger.")
     assert result.exit_code == 0, result.output
     arr = np.load(out)
-    d = trained_model["config"].model.d_model
+    d = _embed_dim(trained_model)
     assert arr.shape == (2, d) and arr.dtype == np.float32
     assert np.allclose(np.linalg.norm(arr, axis=1), 1.0, atol=1e-5)
     assert json.loads((tmp_path / "x.npy.json").read_text()) == {"modality": "text",
@@ -131,7 +136,7 @@ def test_embed_from_file(trained_model, small_records, tmp_path: Path) -> None:
     out = tmp_path / "img.npy"
     result = invoke("embed", "image", "--from-file", listing, "--model", trained_model["dir"], "--out", out)
     assert result.exit_code == 0, result.output
-    assert np.load(out).shape == (2, trained_model["config"].model.d_model)
+    assert np.load(out).shape == (2, _embed_dim(trained_model))
 
 
 def test_train_command(small_manifest, small_cache, tmp_path: Path) -> None:

@@ -202,3 +202,22 @@ def test_fixed_temperature_is_not_trainable() -> None:
     loss = ContrastiveLoss(init_temperature=0.05, learn_temperature=False)
     assert not loss.log_scale.requires_grad
     assert float(loss.logit_scale.detach()) == pytest.approx(20.0)
+
+
+def test_language_prior_blends_a_frozen_sentence_space_vector() -> None:
+    torch.manual_seed(0)
+    cfg = ProjectionConfig(d_model=32, layers=1, heads=4, language_prior=0.65, language_dim=8)
+    model = OneEncoderModel(cfg).eval()
+    model.add_modality("withprior", 20, 3, AdapterConfig(hidden=0), language_slice=(12, 20))
+    model.add_modality("without", 20, 3, AdapterConfig(hidden=0))
+    tokens, mask = torch.randn(4, 3, 20), torch.ones(4, 3, dtype=torch.bool)
+    out = model("withprior", tokens, mask)
+    assert out.shape == (4, 32 + 8) and model.embed_dim == 40
+    assert torch.allclose(out.norm(dim=-1), torch.ones(4), atol=1e-5)
+    # The prior part is the normalised slice of the first token, weighted by sqrt(w).
+    expected = torch.nn.functional.normalize(tokens[:, 0, 12:20], dim=-1) * 0.65**0.5
+    assert torch.allclose(out[:, 32:], expected, atol=1e-6)
+    # A modality without a language slice contributes zeros there: its rankings use the learned part only.
+    assert torch.count_nonzero(model("without", tokens, mask)[:, 32:]) == 0
+    with pytest.raises(ValueError, match="not 8 wide"):
+        model.add_modality("bad", 20, 3, AdapterConfig(hidden=0), language_slice=(0, 5))

@@ -237,7 +237,8 @@ def test_save_load_round_trip(trained_model, tmp_path: Path) -> None:
 
 def test_api_encodes_text_and_images(trained_model, small_records, small_cache, stage_modalities) -> None:
     m = oneencoder.load(trained_model["dir"])
-    d = trained_model["config"].model.d_model
+    d = m.model.embed_dim  # d_model, plus the language prior when blended
+    assert d == trained_model["config"].model.d_model + (384 if trained_model["config"].model.language_prior > 0 else 0)
     assert sorted(m.modalities) == ["image", "text"]
     text = m.encode("text", ["a badger"])
     assert text.shape == (1, d)
@@ -308,3 +309,20 @@ def test_stage_summary_reports_chance(trained_model, small_records) -> None:
         assert 0.0 <= r["metrics"]["R@1"] <= 1.0
     on_disk = json.loads((trained_model["dir"] / "runs" / "image_text" / "test.json").read_text())
     assert on_disk["test"]["directions"].keys() == summary["test"]["directions"].keys()
+
+
+def test_overwriting_stage1_with_another_config_records_the_new_one(small_manifest, small_cache, make_config,
+                                                                    tmp_path: Path) -> None:
+    from oneencoder.checkpoint import read_meta
+    from oneencoder.stage import run_stage
+
+    model_dir = tmp_path / "model"
+    run_stage(make_config(small_manifest, small_cache, epochs=1, sections={"model": {"language_prior": 0.0}}),
+              model_dir, progress=False)
+    assert read_meta(model_dir)["embed_dim"] == read_meta(model_dir)["d_model"]
+    run_stage(make_config(small_manifest, small_cache, epochs=1, sections={"model": {"language_prior": 0.5}}),
+              model_dir, resume=False, overwrite=True, progress=False)
+    meta = read_meta(model_dir)
+    assert meta["projection"]["language_prior"] == 0.5
+    assert meta["embed_dim"] == meta["d_model"] + 384
+    assert oneencoder.load(model_dir).encode("text", ["a badger"]).shape == (1, meta["embed_dim"])

@@ -105,7 +105,7 @@ def _thumb(path: str | None, size: int = 96) -> np.ndarray:
 
 
 def plot_extremes(table: DifficultyTable, combined: np.ndarray, records: dict[str, dict], which: str,
-                  path: Path, n: int = 12) -> list[int]:
+                  path: Path, prefer: list[str], n: int = 12) -> list[int]:
     """Thumbnails of the n easiest or hardest samples with caption and measurements."""
     plt = _pyplot()
     order = np.argsort(combined, kind="stable")
@@ -120,18 +120,17 @@ def plot_extremes(table: DifficultyTable, combined: np.ndarray, records: dict[st
         ax.imshow(_thumb(rec.get("image")))
         caption = str(rec.get("caption", ""))
         caption = caption if len(caption) <= 34 else caption[:32] + "…"
-        facts = _top_measurements(table, i)
+        facts = _top_measurements(table, i, prefer)
         ax.set_title(f"{caption}\nscore {combined[i]:.2f}\n{facts}", fontsize=6.5)
     fig.suptitle(f"{n} {which} samples", fontsize=11)
     _save(fig, path)
     return [int(i) for i in picks]
 
 
-def _top_measurements(table: DifficultyTable, i: int, limit: int = 3) -> str:
-    parts = []
-    for scorer, values in table.measurements.items():
-        for name, arr in values.items():
-            parts.append(f"{name}={float(arr[i]):.3g}")
+def _top_measurements(table: DifficultyTable, i: int, prefer: list[str], limit: int = 3) -> str:
+    """Measurements of the scorers the stage weights first: they are why this sample ranks here."""
+    scorers = [s for s in prefer if s in table.measurements] + [s for s in table.measurements if s not in prefer]
+    parts = [f"{name}={float(arr[i]):.3g}" for s in scorers for name, arr in table.measurements[s].items()]
     return "\n".join(parts[:limit])
 
 
@@ -146,8 +145,8 @@ def write_report(table: DifficultyTable, records: list[dict], out_dir: str | Pat
     plot_distributions(table, out / "difficulty_distribution.png")
     plot_correlations(table, out / "scorer_correlations.png")
     plot_schedule(pacer, pacer_options, total_steps, hard_negatives, out / "pacing_schedule.png")
-    easiest = plot_extremes(table, combined, by_id, "easiest", out / "easiest.png")
-    hardest = plot_extremes(table, combined, by_id, "hardest", out / "hardest.png")
+    easiest = plot_extremes(table, combined, by_id, "easiest", out / "easiest.png", list(weights))
+    hardest = plot_extremes(table, combined, by_id, "hardest", out / "hardest.png", list(weights))
 
     def rows(idx: list[int]) -> str:
         lines = []
