@@ -121,8 +121,9 @@ def run_arm(label: str, make_objective, config: StageConfig, n: int, steps: int,
         batches.append(trainer.sampler.batch(trainer.step, trainer.total_steps))
         losses.append(trainer._train_step()["loss"])
     seconds = time.perf_counter() - start
-    return {"arm": label, "other_cores": load.cores(), "steps": steps, "seconds": seconds, "per_step": seconds / steps, "losses": losses,
-            "batches": batches, "encode_seconds": getattr(objective, "encode_seconds", None)}
+    return {"arm": label, "steps": steps, "seconds": seconds, "per_step": seconds / steps, "losses": losses,
+            "batches": batches, "other_cores": load.cores(),
+            "encode_seconds": getattr(objective, "encode_seconds", None)}
 
 
 class OtherLoad:

@@ -26,6 +26,8 @@ import tomllib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+# Arms that do not name a loss use plain InfoNCE, so "random" is the no-curriculum control
+# whatever the stage file's default loss is.
 ARMS: dict[str, dict] = {
     "random": {},
     "anti": {"curriculum": {"pacer": "anti"}},
@@ -36,7 +38,7 @@ ARMS: dict[str, dict] = {
     "windows": {"curriculum": {"pacer": "windows"}},
     "self_paced": {"curriculum": {"pacer": "self_paced"}},
     "hard_negatives": {"curriculum": {"hard_negatives": 0.5}},
-    "hnnce": {"loss": {"name": "hnnce", "beta": 0.5}},
+    "hnnce": {"loss": {"name": "hnnce", "beta": 2.0}},
     "margin": {"loss": {"name": "margin", "max_margin": 0.2}},
 }
 
@@ -58,6 +60,8 @@ def run_arm(args: tuple[str, dict, int, str, int, str, str]) -> dict:
     from oneencoder.stage import run_stage
 
     raw = tomllib.loads(Path(stage_path).read_text())
+    raw = _merge(raw, {"loss": {"name": "infonce", "beta": 0.0, "max_margin": 0.0},
+                       "curriculum": {"pacer": "random", "hard_negatives": 0.0}})
     raw = _merge(raw, override)
     raw = _merge(raw, {"data": {"manifest": f"{data_dir}/manifest.jsonl", "cache_dir": f"{data_dir}/cache"},
                        "train": {"seed": seed, "epochs": epochs, "patience": epochs + 1}})
