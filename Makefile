@@ -24,10 +24,14 @@ $(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt 
 	touch $(STAMP)
 
 # Debian data packages (real data, read in place, never copied into the repo).
+# libcairo2 renders the SVG stamps (through cairosvg).
 system-deps:
-	@if [ ! -d $(STAMPS_DIR) ]; then \
-	  echo "installing tuxpaint-stamps-default (Debian)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tuxpaint-stamps-default; \
+	@missing=""; \
+	[ -d $(STAMPS_DIR) ] || missing="$$missing tuxpaint-stamps-default"; \
+	ldconfig -p | grep -q 'libcairo.so.2 ' || missing="$$missing libcairo2"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 demo: setup
