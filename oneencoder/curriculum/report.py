@@ -16,7 +16,7 @@ import numpy as np
 
 from ..fileio import atomic_path, write_text_atomic
 from .difficulty import DifficultyTable
-from .pacers import create_pacer, schedule
+from .pacers import create_pacer, list_pacers, schedule
 from .scorers import rank_normalise
 
 
@@ -72,7 +72,16 @@ def plot_correlations(table: DifficultyTable, path: Path) -> None:
 
 def plot_schedule(pacer_name: str, pacer_options: dict, total_steps: int, hn: tuple[float, float], path: Path) -> None:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    fig, (ax, ax_all) = plt.subplots(1, 2, figsize=(12, 3.4))
+    for name in list_pacers():  # every pacer's window edges, to compare with the stage's choice
+        w = schedule(create_pacer(name), total_steps)
+        (line,) = ax_all.plot(np.arange(total_steps), w[:, 1], label=name, linewidth=1.2)
+        if np.any(w[:, 0] > 0):
+            ax_all.plot(np.arange(total_steps), w[:, 0], linestyle=":", color=line.get_color(), linewidth=1)
+    ax_all.set_title("all pacers (solid: hardest available, dotted: easiest)", fontsize=9)
+    ax_all.set_xlabel("optimizer step")
+    ax_all.set_ylim(-0.02, 1.02)
+    ax_all.legend(fontsize=7, ncol=2, loc="lower right")
     windows = schedule(create_pacer(pacer_name, **pacer_options), total_steps)
     steps = np.arange(total_steps)
     ax.fill_between(steps, windows[:, 0], windows[:, 1], alpha=0.3, color="#4c72b0", label=f"available ({pacer_name})")
@@ -81,6 +90,7 @@ def plot_schedule(pacer_name: str, pacer_options: dict, total_steps: int, hn: tu
     share = hn[0] + (hn[1] - hn[0]) * steps / max(1, total_steps - 1)
     if hn[1] > 0:
         ax.plot(steps, share, color="#c44e52", label="hard-negative share of batch")
+    ax.set_title(f"this stage: {pacer_name}", fontsize=9)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("difficulty quantile (easy 0 → hard 1)")
     ax.set_ylim(-0.02, 1.02)
