@@ -30,3 +30,36 @@ def tuxpaint(
     write_jsonl_atomic(out, records)
     stats = ", ".join(f"{k}={v}" for k, v in summarize(records).items())
     echo(f"wrote {out}: {stats}")
+
+
+@app.command("tuxpaint-audio")
+@user_errors
+def tuxpaint_audio(
+    out: Path = typer.Option(Path("outputs/audio/manifest.jsonl"), "--out", "-o", help="Manifest to write."),
+    root: Path = typer.Option(DEFAULT_ROOT, help="Tux Paint stamps folder."),
+) -> None:
+    """Stamps that have a sound effect: sound + caption + image, same caption-hash split.
+
+    Example:  oneencoder data tuxpaint-audio --out outputs/audio/manifest.jsonl
+    """
+    records = [r for r in tuxpaint_records(root) if r["sound"]]
+    write_jsonl_atomic(out, records)
+    stats = ", ".join(f"{k}={v}" for k, v in summarize(records).items())
+    echo(f"wrote {out}: {stats}")
+
+
+@app.command("chemicals")
+@user_errors
+def chemicals(
+    out: Path = typer.Option(Path("outputs/chemicals/manifest.jsonl"), "--out", "-o", help="Manifest to write."),
+    limit: int = typer.Option(20000, min=10, help="Rows of the PubChem table to read."),
+) -> None:
+    """Molecule-name pairs from the PubChem table in the PyPI package `chemicals`; scaffold-disjoint split.
+
+    Example:  oneencoder data chemicals --out outputs/chemicals/manifest.jsonl --limit 20000
+    """
+    from oneencoder.datasets.chemicals import chemicals_records, summarize as summarize_chemicals
+
+    records = chemicals_records(limit=limit)
+    write_jsonl_atomic(out, records)
+    echo(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in summarize_chemicals(records).items()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import cache, curriculum, data
+from .add_modality import add_modality
 from .demo import demo
 from .embed import embed
 from .evaluate import evaluate
@@ -26,6 +27,7 @@ app.command("train")(train)
 app.command("eval")(evaluate)
 app.command("embed")(embed)
 app.command("info")(info)
+app.command("add-modality")(add_modality)
 app.command("demo")(demo)
 
 

@@ -188,6 +188,9 @@ def build_cache(
     cache = FeatureCache(cache_dir_for(root, modality.spec.name), modality.fingerprint())
     try:
         done = cache.ids()
+        # A sample without this modality (field absent or null) is not a bad sample, just not ours;
+        # a present but empty value is a reject.
+        records = [r for r in records if r.get(key) is not None]
         todo = [r for r in records if r["id"] not in done]
         report = BuildReport(modality.spec.name, len(records), len(records) - len(todo), 0)
         if todo:

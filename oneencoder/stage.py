@@ -17,7 +17,7 @@ from torch import nn
 
 from .bank import FeatureBank
 from .cache import FeatureCache, cache_dir_for
-from .checkpoint import META, load_model, modality_meta, save_model
+from .checkpoint import META, load_model, modality_from_meta, modality_meta, read_meta, save_model
 from .config import StageConfig
 from .curriculum.difficulty import DifficultyTable, compute_difficulty, difficulty_path
 from .curriculum.online import LossPredictor
@@ -157,7 +157,7 @@ def _remove_model_files(model_dir: Path) -> None:
 
 
 def _prepare_model(config: StageConfig, model_dir: Path, modalities: dict[str, Modality], overwrite: bool,
-                   resuming: bool) -> OneEncoderModel:
+                   resuming: bool, replace: bool = False) -> OneEncoderModel:
     trains_projection = "projection" in config.trainable
     exists = (model_dir / META).exists()
     if trains_projection:
@@ -175,6 +175,8 @@ def _prepare_model(config: StageConfig, model_dir: Path, modalities: dict[str, M
             continue
         if name not in modalities:
             raise ConfigError(f"[stage] trainable lists {name!r}, which is not one of the stage's modalities")
+        if name in model.modalities and not (replace or resuming or trains_projection):
+            raise OneEncoderError(f"{model_dir} already holds a {name!r} adapter; pass --replace to retrain it")
         m = modalities[name]
         model.add_modality(name, m.feature_dim, m.max_tokens, config.adapter, m.language_slice())
     for name in model.modalities:
@@ -185,16 +187,36 @@ def _prepare_model(config: StageConfig, model_dir: Path, modalities: dict[str, M
     return model
 
 
+def _locked_anchor(config: StageConfig) -> str | None:
+    """The already-trained side of an add-modality stage (None when the projection trains)."""
+    if "projection" in config.trainable:
+        return None
+    frozen = [n for n in config.modalities if n not in config.trainable]
+    return frozen[0] if len(frozen) == 1 else None
+
+
+def _model_modalities(model_dir: Path, records: list[dict], exclude: set[str]) -> dict[str, Modality]:
+    """Modalities the model already holds whose inputs the manifest has (for emergent evaluation)."""
+    meta = read_meta(model_dir)
+    return {n: modality_from_meta(n, info) for n, info in meta["modalities"].items()
+            if n not in exclude and any(r.get(info["record_key"]) for r in records)}
+
+
 def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True, overwrite: bool = False,
-              progress: bool = True) -> dict[str, Any]:
+              replace: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train one stage and evaluate the best checkpoint on the test split.
+
+    Stage 1 trains the projection and both adapters. An add-modality stage (one
+    trainable modality, ``projection`` not trainable) trains only that adapter and
+    its token against the frozen anchor, whose embeddings are computed once.
 
     Returns the test results (as written to ``<model_dir>/runs/<stage>/test.json``).
     """
     model_dir = Path(model_dir)
     run_dir = model_dir / "runs" / config.name
-    if overwrite and not resume and run_dir.exists():
+    if run_dir.exists() and ((overwrite and not resume) or replace):
         shutil.rmtree(run_dir)
+    # Rerunning a stage resumes it; a finished run resumes to its end and re-reports.
     resuming = resume and (run_dir / "last.json").exists()
     seed_everything(config.train.seed)
     device = pick_device(config.train.device)
@@ -203,7 +225,11 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     records = read_manifest(config.data.manifest)
     names = list(config.modalities)
     modalities = _stage_modalities(config)
-    model = _prepare_model(config, model_dir, modalities, overwrite, resuming)
+    anchor = _locked_anchor(config)
+    if anchor is not None:  # the anchor must be exactly the model's own modality (options, weights)
+        modalities.update(_model_modalities(model_dir, records, set(config.trainable)))
+        modalities = {n: modalities[n] for n in names}
+    model = _prepare_model(config, model_dir, modalities, overwrite, resuming, replace)
     train = load_pair_split(records, "train", modalities, config.data.cache_dir, device)
     val = load_pair_split(records, "val", modalities, config.data.cache_dir, device)
     if len(train.ids) < 2 or len(val.ids) < 1:
@@ -218,7 +244,12 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
                   if needs_difficulty else None)
     neighbours = _frozen_neighbours(train, cur.hn_k) if cur.hard_negatives > 0 else None
     margins = lc.max_margin * difficulty if lc.name == "margin" and difficulty is not None else None
-    objective = PairObjective(model, loss, (names[0], names[1]), train, margins=margins)
+    pair = (names[0], names[1]) if anchor != names[0] else (names[1], names[0])
+    fixed = None
+    if anchor is not None:  # frozen anchor: embed it once, then it is a constant
+        model.eval()
+        fixed = embed_bank(model, anchor, train.banks[anchor], config.train.eval_batch_size).detach()
+    objective = PairObjective(model, loss, pair, train, fixed_b=fixed, margins=margins)
     predictor = (LossPredictor(_pooled_frozen(train), seed=config.train.seed)
                  if cur.pacer == "self_paced" and cur.loss_predictor else None)
     sampler = build_sampler(cur, len(train.ids), config.train.batch_size, config.train.seed,
@@ -253,7 +284,12 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
         print(f"resuming {config.name} from step {trainer.step} (epoch {trainer.epoch})")
     fit = trainer.fit()
     best, meta = load_model(model_dir)
-    test = evaluate_samples(best, modalities, records, config.data.cache_dir, "test")
+    evaluated = dict(modalities)
+    if anchor is not None:  # also the model's other modalities: emergent pairs never trained together
+        others = _model_modalities(model_dir, records, set(names))
+        evaluated.update({n: m for n, m in others.items()
+                          if (cache_dir_for(config.data.cache_dir, n) / "data.mdb").exists()})
+    test = evaluate_samples(best, evaluated, records, config.data.cache_dir, "test")
     summary = {"stage": config.name, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                "steps": fit.steps, "train_seconds": round(fit.seconds, 1), "test": test}
     write_json_atomic(run_dir / "test.json", summary)

@@ -147,12 +147,12 @@ def test_ctrl_c_keeps_committed_batches(small_records, text_modality, tmp_path: 
     assert resumed.encoded == len(small_records) - 16
 
 
-def test_missing_field_is_rejected(text_modality, tmp_path: Path) -> None:
-    records = [{"id": "a", "caption": "A frog."}, {"id": "b"}, {"id": "c", "caption": None}]
+def test_samples_without_the_modality_are_skipped_but_empty_values_rejected(text_modality, tmp_path: Path) -> None:
+    # Multi-modal manifests: a stamp without a sound simply has no audio; an empty caption is bad input.
+    records = [{"id": "a", "caption": "A frog."}, {"id": "b"}, {"id": "c", "caption": None}, {"id": "d", "caption": ""}]
     report = build_cache(text_modality, records, tmp_path, progress=False)
-    assert report.encoded == 1
-    assert set(report.rejects) == {"b", "c"}
-    assert "caption" in report.rejects["b"] and "caption" in report.rejects["c"]
+    assert report.encoded == 1 and report.total == 2
+    assert set(report.rejects) == {"d"} and "caption" in report.rejects["d"]
 
 
 def _copy_cache(root: Path, name: str, dest: Path) -> Path:

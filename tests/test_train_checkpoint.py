@@ -188,7 +188,9 @@ def test_later_stage_rewrites_only_what_it_trains(trained_model, small_manifest,
     before = _files(model_dir)
     config = make_config(small_manifest, small_cache, epochs=1)
     config.name, config.trainable = "text_again", ["text"]
-    run_stage(config, model_dir, progress=False)
+    with pytest.raises(OneEncoderError, match="--replace"):  # retraining a held modality is explicit
+        run_stage(config, model_dir, progress=False)
+    run_stage(config, model_dir, replace=True, progress=False)
     after = _files(model_dir)
     assert after[PROJECTION] == before[PROJECTION]
     assert after[adapter_file("image")] == before[adapter_file("image")]

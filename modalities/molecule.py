@@ -1,0 +1,257 @@
+"""Molecule: SMILES strings encoded by RDKit, which acts as the frozen "backbone".
+
+No pretrained molecular network ships in any wheel, so the frozen encoder is a fixed,
+deterministic featuriser (no weights, no network access):
+
+* **token 0** is a Morgan count fingerprint (radius ``radius``, ``fp_size`` bits),
+  folded to ``feature_dim`` dims by summing bit ``i`` into dim ``i % feature_dim``,
+  then ``log1p`` of the counts;
+* **tokens 1..** are one per functional group / fragment present in the molecule, from
+  RDKit's ``FragmentDescriptors.csv`` (the ``rdkit.Chem.Fragments.fr_*`` functions, 85 in
+  RDKit 2026.9), ordered by their index in that file, at most ``max_tokens - 1`` of them.
+
+Fragment token layout (``feature_dim`` wide, every other dim zero)::
+
+    dims [0, F)   one-hot of the fragment's index in FragmentDescriptors.csv (F fragments)
+    dim  F        log1p(number of matches of the fragment in the molecule)
+    dim  F + 1    1.0, a flag that marks a fragment token
+
+So ``feature_dim`` must be at least ``F + 2``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from oneencoder.backbones import freeze
+from oneencoder.errors import ConfigError, SampleError
+from oneencoder.fileio import sha256_text
+from oneencoder.registry import Modality, ModalitySpec, register_modality
+
+DEFAULT_BACKBONE = "rdkit:morgan-count+fragments"
+
+
+def _rdkit() -> Any:
+    try:
+        import rdkit  # noqa: F401
+        from rdkit import Chem
+    except ImportError:  # pragma: no cover - rdkit is a core dependency
+        from oneencoder.errors import MissingDependencyError
+
+        raise MissingDependencyError("the molecule modality needs RDKit: `pip install rdkit`") from None
+    return Chem
+
+
+@functools.lru_cache(maxsize=None)
+def _fragment_functions() -> tuple[tuple[str, Any], ...]:
+    """``(name, count_fn)`` for every fragment of FragmentDescriptors.csv, in file order."""
+    from rdkit.Chem import Fragments
+
+    return tuple(Fragments.fns)
+
+
+def fragment_names() -> list[str]:
+    """Names of the fragments (``fr_COO``...) in token-index order."""
+    return [name for name, _ in _fragment_functions()]
+
+
+def _fragment_csv_path() -> str:
+    from rdkit import RDConfig
+
+    return os.path.join(RDConfig.RDDataDir, "FragmentDescriptors.csv")
+
+
+@functools.lru_cache(maxsize=None)
+def _morgan_generator(radius: int, fp_size: int) -> Any:
+    from rdkit.Chem import rdFingerprintGenerator
+
+    return rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=fp_size)
+
+
+def _clean_rdkit_message(text: str) -> str:
+    """RDKit's log lines without their ``[hh:mm:ss]`` stamps, joined into one line."""
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[") and "]" in line[:12]:
+            line = line[line.index("]") + 1 :].strip()
+        if line:
+            lines.append(line)
+    return "; ".join(lines)
+
+
+def parse_smiles(smiles: str) -> Any:
+    """SMILES to a sanitised RDKit ``Mol``.
+
+    Raises:
+        SampleError: with RDKit's own message (parse error, valence problem...).
+    """
+    Chem = _rdkit()
+    from rdkit import rdBase
+
+    if not isinstance(smiles, str):
+        raise SampleError(f"SMILES must be a string, got {type(smiles).__name__}")
+    text = smiles.strip()
+    if not text:
+        raise SampleError("empty SMILES")
+    with rdBase.CaptureErrorLog() as capture:
+        mol = Chem.MolFromSmiles(text, sanitize=False)
+    if mol is None:
+        why = _clean_rdkit_message(capture.messages) or "RDKit could not parse it"
+        raise SampleError(f"invalid SMILES {text!r}: {why}")
+    try:
+        with rdBase.CaptureErrorLog():
+            Chem.SanitizeMol(mol)
+    except Exception as e:  # Chem.MolSanitizeException and its subclasses (valence, kekulize...)
+        raise SampleError(f"invalid SMILES {text!r}: {_clean_rdkit_message(str(e)) or type(e).__name__}") from None
+    return mol
+
+
+def fragment_counts(mol: Any) -> list[tuple[int, str, int]]:
+    """``(index, name, count)`` for every fragment present (count > 0), by index."""
+    out = []
+    for index, (name, fn) in enumerate(_fragment_functions()):
+        count = int(fn(mol))
+        if count > 0:
+            out.append((index, name, count))
+    return out
+
+
+class _RDKitBackbone(nn.Module):
+    """The frozen encoder: features are computed in ``preprocess``, so this is the identity.
+
+    It has no parameters; a zero-size buffer follows ``.to(device)`` so ``encode`` knows
+    where the caller wants the tokens.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("device_anchor", torch.zeros(0), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+
+@register_modality
+class Molecule(Modality):
+    """Small molecules given as SMILES; invalid SMILES are per-sample errors with RDKit's reason."""
+
+    spec = ModalitySpec(
+        name="molecule",
+        backbone=DEFAULT_BACKBONE,
+        feature_dim=1024,
+        max_tokens=16,  # Morgan token + up to 15 fragment tokens
+        preprocess_version="molecule-v1",
+        record_key="smiles",
+        default_anchor="text",
+        dedupe_in_eval=False,
+        extra_deps=("rdkit",),
+    )
+    default_options = {
+        "backbone": DEFAULT_BACKBONE,
+        "feature_dim": 1024,  # Morgan bits are folded to this width; fragment tokens use the same width
+        "max_tokens": 16,  # total tokens: 1 Morgan + at most max_tokens - 1 fragments
+        "radius": 2,
+        "fp_size": 2048,
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.backbone_id != DEFAULT_BACKBONE:
+            raise ConfigError(f"[modalities.molecule] backbone {self.backbone_id!r}: only {DEFAULT_BACKBONE!r} exists")
+        n_frag = len(_fragment_functions())
+        if int(self.options["feature_dim"]) < n_frag + 2:
+            raise ConfigError(f"[modalities.molecule] feature_dim={self.options['feature_dim']} is too small; "
+                              f"fragment tokens need at least {n_frag + 2}")
+        if int(self.options["max_tokens"]) < 1:
+            raise ConfigError("[modalities.molecule] max_tokens must be at least 1 (the Morgan token)")
+        if int(self.options["radius"]) < 0 or int(self.options["fp_size"]) < 1:
+            raise ConfigError("[modalities.molecule] radius must be >= 0 and fp_size >= 1")
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.options["feature_dim"])
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.options["max_tokens"])
+
+    def weights_sha256(self) -> str:
+        import rdkit
+
+        with open(_fragment_csv_path(), encoding="utf-8", errors="replace") as f:
+            fragments = f.read()
+        desc = (f"rdkit={rdkit.__version__};morgan-count radius={self.options['radius']} "
+                f"fpSize={self.options['fp_size']} fold={self.feature_dim} log1p;"
+                f"fragments={hashlib.sha256(fragments.encode()).hexdigest()}")
+        return sha256_text(desc)
+
+    def load_backbone(self) -> nn.Module:
+        return freeze(_RDKitBackbone())
+
+    def load(self, source: Any) -> Any:
+        return parse_smiles(source)
+
+    def _morgan_token(self, mol: Any) -> np.ndarray:
+        gen = _morgan_generator(int(self.options["radius"]), int(self.options["fp_size"]))
+        counts = gen.GetCountFingerprintAsNumPy(mol).astype(np.float64)
+        folded = np.zeros(self.feature_dim, dtype=np.float64)
+        np.add.at(folded, np.arange(counts.shape[0]) % self.feature_dim, counts)
+        return np.log1p(folded).astype(np.float32)
+
+    def preprocess(self, raw: Any) -> torch.Tensor:
+        present = fragment_counts(raw)[: self.max_tokens - 1]
+        n_frag = len(_fragment_functions())
+        tokens = np.zeros((1 + len(present), self.feature_dim), dtype=np.float32)
+        tokens[0] = self._morgan_token(raw)
+        for row, (index, _, count) in enumerate(present, 1):
+            tokens[row, index] = 1.0
+            tokens[row, n_frag] = math.log1p(count)
+            tokens[row, n_frag + 1] = 1.0
+        return torch.from_numpy(tokens)
+
+    def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        width = max(t.shape[0] for t in items)
+        tokens = torch.zeros((len(items), width, self.feature_dim), dtype=torch.float32)
+        mask = torch.zeros((len(items), width), dtype=torch.bool)
+        for row, t in enumerate(items):
+            tokens[row, : t.shape[0]] = t
+            mask[row, : t.shape[0]] = True
+        return {"tokens": tokens, "mask": mask}
+
+    @torch.inference_mode()
+    def encode(self, backbone: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The backbone has no parameters: its buffer (or else the batch) says where to go.
+        anchor = next(backbone.buffers(), None)
+        device = anchor.device if anchor is not None else batch["tokens"].device
+        tokens = backbone(batch["tokens"].to(device)).float()
+        return tokens, batch["mask"].to(device)
+
+    def language_slice(self) -> tuple[int, int] | None:
+        return None
+
+    def difficulty(self, raw: Any, tokens: torch.Tensor) -> dict[str, float]:
+        """Structural complexity for the curriculum scorers.
+
+        Returns:
+            ``bertz_ct`` (Bertz complexity index), ``n_rings`` (SSSR ring count),
+            ``n_stereocentres`` (tetrahedral centres, assigned or not) and ``n_heavy_atoms``.
+        """
+        from rdkit import Chem
+        from rdkit.Chem import GraphDescriptors, rdMolDescriptors
+
+        centres = Chem.FindMolChiralCenters(raw, includeUnassigned=True, useLegacyImplementation=False)
+        return {
+            "bertz_ct": float(GraphDescriptors.BertzCT(raw)),
+            "n_rings": float(rdMolDescriptors.CalcNumRings(raw)),
+            "n_stereocentres": float(len(centres)),
+            "n_heavy_atoms": float(raw.GetNumHeavyAtoms()),
+        }

@@ -1,0 +1,86 @@
+"""Progressive alignment: adding a modality trains only its adapter; everything earlier is untouched."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import oneencoder
+from oneencoder.cli.main import app
+from oneencoder.fileio import sha256_file, write_jsonl_atomic
+
+runner = CliRunner()
+FROZEN_FILES = ("projection.safetensors", "adapters/image.safetensors", "adapters/text.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sound_stamps(stamps) -> list[dict]:
+    """Stamps that have image, caption and sound, in every split (about 134 exist)."""
+    quota = {"train": 30, "val": 8, "test": 8}
+    taken = {k: 0 for k in quota}
+    out = []
+    for rec in stamps:
+        if rec["sound"] and rec["caption"] and taken[rec["split"]] < quota[rec["split"]]:
+            out.append(rec)
+            taken[rec["split"]] += 1
+    assert all(taken[k] >= 4 for k in quota), taken
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(sound_stamps, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("progressive")
+    manifest = root / "manifest.jsonl"
+    write_jsonl_atomic(manifest, sound_stamps)
+    common = ["--manifest", str(manifest), "--cache-dir", str(root / "cache")]
+    assert runner.invoke(app, ["cache", "build", "--stage", "image_text", "--workers", "0", *common]).exit_code == 0
+    result = runner.invoke(app, ["train", "--stage", "image_text", "--model", str(root / "model"), "--epochs", "2",
+                                 *common])
+    assert result.exit_code == 0, result.output
+    return root, manifest
+
+
+def test_add_modality_leaves_earlier_parts_byte_identical(stage1_dir, sound_stamps) -> None:
+    root, manifest = stage1_dir
+    model = root / "model"
+    before = {f: sha256_file(model / f) for f in FROZEN_FILES}
+    m = oneencoder.load(model)
+    text_in = ["A badger.", "A red fire truck."]
+    image_in = [sound_stamps[0]["image"], sound_stamps[1]["image"]]
+    text_before, image_before = m.encode("text", text_in), m.encode("image", image_in)
+
+    result = runner.invoke(app, ["add-modality", "audio", "--model", str(model), "--anchor", "text",
+                                 "--data", str(manifest), "--cache-dir", str(root / "cache"), "--epochs", "3",
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "audio→text" in result.output and "audio→image" in result.output  # emergent pair is reported
+
+    assert {f: sha256_file(model / f) for f in FROZEN_FILES} == before
+    after = oneencoder.load(model)
+    assert after.modalities == ["image", "text", "audio"]
+    assert torch.equal(after.encode("text", text_in), text_before)  # bitwise
+    assert torch.equal(after.encode("image", image_in), image_before)
+    audio = after.encode("audio", [sound_stamps[0]["sound"]])
+    assert audio.shape == (1, after.model.embed_dim)
+    assert [s["name"] for s in after.meta["stages"]] == ["image_text", "add_audio"]
+
+    # Rerunning the same command resumes the finished run: nothing changes.
+    audio_file = model / "adapters" / "audio.safetensors"
+    audio_sha = sha256_file(audio_file)
+    args = ["add-modality", "audio", "--model", str(model), "--data", str(manifest),
+            "--cache-dir", str(root / "cache"), "--epochs", "3", "--workers", "0"]
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert sha256_file(audio_file) == audio_sha
+    # Without its run state (e.g. a copied model), retraining an existing modality needs --replace.
+    shutil.rmtree(model / "runs" / "add_audio")
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "--replace" in refused.output
+    replaced = runner.invoke(app, [*args, "--replace"])
+    assert replaced.exit_code == 0, replaced.output
+    assert sha256_file(audio_file) != audio_sha
+    assert {f: sha256_file(model / f) for f in FROZEN_FILES} == before
