@@ -142,10 +142,9 @@ class OneEncoderModel(nn.Module):
         if weight <= 0:
             return learned
         span = self.language_slices.get(modality)
-        if span is None:
-            prior = learned.new_zeros(learned.shape[0], self.projection_config.language_dim)
-        else:
-            prior = F.normalize(tokens[:, 0, span[0] : span[1]].to(learned.dtype), dim=-1)
+        if span is None:  # no frozen language vector: the learned part alone, still unit norm
+            return torch.cat([learned, learned.new_zeros(learned.shape[0], self.projection_config.language_dim)], -1)
+        prior = F.normalize(tokens[:, 0, span[0] : span[1]].to(learned.dtype), dim=-1)
         return torch.cat([learned * (1 - weight) ** 0.5, prior * weight**0.5], dim=-1)
 
     # open_clip-style locking: frozen parts are eval-mode and grad-free.

@@ -84,3 +84,27 @@ def test_add_modality_leaves_earlier_parts_byte_identical(stage1_dir, sound_stam
     assert replaced.exit_code == 0, replaced.output
     assert sha256_file(audio_file) != audio_sha
     assert {f: sha256_file(model / f) for f in FROZEN_FILES} == before
+
+
+def test_adding_molecules_keeps_every_earlier_file(stage1_dir, tmp_path: Path) -> None:
+    from oneencoder.datasets.chemicals import chemicals_records
+
+    root, _ = stage1_dir
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model, ignore=shutil.ignore_patterns("runs"))
+    frozen = [f for f in FROZEN_FILES + ("adapters/audio.safetensors",) if (model / f).exists()]
+    before = {f: sha256_file(model / f) for f in frozen}
+    text_before = oneencoder.load(model).encode("text", ["ethanol"])
+    manifest = tmp_path / "chem.jsonl"
+    write_jsonl_atomic(manifest, chemicals_records(limit=600))
+    result = runner.invoke(app, ["add-modality", "molecule", "--model", str(model), "--data", str(manifest),
+                                 "--cache-dir", str(tmp_path / "cache"), "--epochs", "2", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "text→molecule" in result.output
+    assert {f: sha256_file(model / f) for f in frozen} == before
+    after = oneencoder.load(model)
+    assert "molecule" in after.modalities
+    assert torch.equal(after.encode("text", ["ethanol"]), text_before)
+    mol = after.encode("molecule", ["CCO", "c1ccccc1"])
+    assert mol.shape == (2, after.model.embed_dim)
+    assert torch.allclose(mol.norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -218,6 +218,8 @@ def test_language_prior_blends_a_frozen_sentence_space_vector() -> None:
     expected = torch.nn.functional.normalize(tokens[:, 0, 12:20], dim=-1) * 0.65**0.5
     assert torch.allclose(out[:, 32:], expected, atol=1e-6)
     # A modality without a language slice contributes zeros there: its rankings use the learned part only.
-    assert torch.count_nonzero(model("without", tokens, mask)[:, 32:]) == 0
+    without = model("without", tokens, mask)
+    assert torch.count_nonzero(without[:, 32:]) == 0
+    assert torch.allclose(without.norm(dim=-1), torch.ones(4), atol=1e-5)  # still unit norm
     with pytest.raises(ValueError, match="not 8 wide"):
         model.add_modality("bad", 20, 3, AdapterConfig(hidden=0), language_slice=(0, 5))
