@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import typer
 
@@ -12,6 +13,11 @@ from oneencoder.fileio import write_jsonl_atomic
 from ._common import echo, user_errors
 
 app = typer.Typer(help="Build dataset manifests (JSONL) from installed data.", no_args_is_help=True)
+
+
+def _write(out: Path, records: list[dict], summarize_fn: Callable[[list[dict]], dict]) -> None:
+    write_jsonl_atomic(out, records)
+    echo(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in summarize_fn(records).items()))
 
 
 @app.command("tuxpaint")
@@ -26,10 +32,7 @@ def tuxpaint(
 
     Example:  oneencoder data tuxpaint --out outputs/demo/manifest.jsonl
     """
-    records = tuxpaint_records(root)
-    write_jsonl_atomic(out, records)
-    stats = ", ".join(f"{k}={v}" for k, v in summarize(records).items())
-    echo(f"wrote {out}: {stats}")
+    _write(out, tuxpaint_records(root), summarize)
 
 
 @app.command("tuxpaint-audio")
@@ -42,10 +45,7 @@ def tuxpaint_audio(
 
     Example:  oneencoder data tuxpaint-audio --out outputs/audio/manifest.jsonl
     """
-    records = [r for r in tuxpaint_records(root) if r["sound"]]
-    write_jsonl_atomic(out, records)
-    stats = ", ".join(f"{k}={v}" for k, v in summarize(records).items())
-    echo(f"wrote {out}: {stats}")
+    _write(out, [r for r in tuxpaint_records(root) if r["sound"]], summarize)
 
 
 @app.command("chemicals")
@@ -60,6 +60,4 @@ def chemicals(
     """
     from oneencoder.datasets.chemicals import chemicals_records, summarize as summarize_chemicals
 
-    records = chemicals_records(limit=limit)
-    write_jsonl_atomic(out, records)
-    echo(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in summarize_chemicals(records).items()))
+    _write(out, chemicals_records(limit=limit), summarize_chemicals)

@@ -16,7 +16,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -219,7 +219,3 @@ def build_cache(
     finally:
         cache.close()
 
-
-def iter_batches(seq: list, size: int) -> Iterator[list]:
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]
