@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -44,6 +45,11 @@ def quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def data_overrides(manifest: Optional[Path], cache_dir: Optional[Path]) -> dict[str, Optional[str]]:
+    """``[data]`` overrides from --manifest/--cache-dir (None keeps the stage file's value)."""
+    return {"manifest": str(manifest) if manifest else None, "cache_dir": str(cache_dir) if cache_dir else None}
 
 
 def echo(msg: str = "") -> None:

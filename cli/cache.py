@@ -13,7 +13,7 @@ from oneencoder.manifest import read_manifest
 from oneencoder.registry import create_modality
 from oneencoder.train import pick_device
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import data_overrides, echo, quiet_libraries, user_errors
 
 app = typer.Typer(help="Build and inspect feature caches.", no_args_is_help=True)
 
@@ -35,8 +35,7 @@ def build(
     Example:  oneencoder cache build --stage image_text
     """
     quiet_libraries()
-    config = load_stage(stage, {"data": {"manifest": str(manifest) if manifest else None,
-                                         "cache_dir": str(cache_dir) if cache_dir else None}})
+    config = load_stage(stage, {"data": data_overrides(manifest, cache_dir)})
     records = read_manifest(config.data.manifest)
     for name in config.modalities:
         modality = create_modality(name, **config.modality_options.get(name, {}))

@@ -13,14 +13,13 @@ from oneencoder.curriculum.report import write_report
 from oneencoder.manifest import read_manifest
 from oneencoder.stage import stage_difficulty
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import data_overrides, echo, quiet_libraries, user_errors
 
 app = typer.Typer(help="Curriculum: difficulty scores, pacing, report.", no_args_is_help=True)
 
 
 def _config(stage: str, manifest: Optional[Path], cache_dir: Optional[Path]):  # noqa: ANN202
-    return load_stage(stage, {"data": {"manifest": str(manifest) if manifest else None,
-                                       "cache_dir": str(cache_dir) if cache_dir else None}})
+    return load_stage(stage, {"data": data_overrides(manifest, cache_dir)})
 
 
 @app.command("score")

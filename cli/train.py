@@ -11,7 +11,7 @@ from oneencoder.config import load_stage
 from oneencoder.metrics import format_table
 from oneencoder.stage import run_stage
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import data_overrides, echo, quiet_libraries, user_errors
 
 
 def print_results(test: dict) -> None:
@@ -38,7 +38,7 @@ def train(
     """
     quiet_libraries()
     config = load_stage(stage, {
-        "data": {"manifest": str(manifest) if manifest else None, "cache_dir": str(cache_dir) if cache_dir else None},
+        "data": data_overrides(manifest, cache_dir),
         "train": {"epochs": epochs, "seed": seed, "device": device},
     })
     summary = run_stage(config, model, resume=resume, overwrite=overwrite)
