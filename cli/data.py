@@ -40,12 +40,67 @@ def tuxpaint(
 def tuxpaint_audio(
     out: Path = typer.Option(Path("outputs/audio/manifest.jsonl"), "--out", "-o", help="Manifest to write."),
     root: Path = typer.Option(DEFAULT_ROOT, help="Tux Paint stamps folder."),
+    augment: int = typer.Option(0, min=0, max=16,
+                                help="Augmented copies of each training sound (pitch, tempo, gain, noise)."),
+    all_stamps: bool = typer.Option(True, "--all-stamps/--sound-only",
+                                    help="Keep stamps without a sound too, so audio->text ranks every "
+                                         "test caption (as in Stage 1), not only those with a sound."),
 ) -> None:
     """Stamps that have a sound effect: sound + caption + image, same caption-hash split.
 
-    Example:  oneencoder data tuxpaint-audio --out outputs/audio/manifest.jsonl
+    Augmented sounds are written next to the manifest (<out folder>/augmented/) and
+    only ever join the train split.
+
+    Example:  oneencoder data tuxpaint-audio --augment 4 --out outputs/audio/manifest.jsonl
     """
-    _write(out, [r for r in tuxpaint_records(root) if r["sound"]], summarize)
+    records = tuxpaint_records(root)
+    base = records if all_stamps else [r for r in records if r["sound"]]
+    extra, rejects = [], []
+    if augment:
+        from oneencoder.datasets.audio_augment import augment_records
+
+        extra, rejects = augment_records(base, out.parent / "augmented", augment)
+        for reject in rejects:
+            echo(f"skipped {reject['id']}: {reject['reason']}")
+    _write(out, base + extra, lambda rows: {**summarize(base), "augmented": len(extra), "rejected": len(rejects)})
+
+
+@app.command("pybullet-rgbd")
+@user_errors
+def pybullet_rgbd(
+    out: Path = typer.Option(Path("outputs/rgbd/manifest.jsonl"), "--out", "-o", help="Manifest to write."),
+    renders: int = typer.Option(60, min=1, help="Renders per object."),
+    seed: int = typer.Option(0, help="Seed of poses, cameras and lights."),
+) -> None:
+    """RGB + metric depth renders of pybullet_data meshes (duck, teddy, mug...), CPU renderer.
+
+    Held-out poses of seen objects and wholly held-out objects are both in the test
+    split, marked by `heldout` so they are scored separately. Rerunning resumes.
+
+    Example:  oneencoder data pybullet-rgbd --out outputs/rgbd/manifest.jsonl --renders 60
+    """
+    from oneencoder.datasets.pybullet_rgbd import rgbd_records, summarize as summarize_rgbd
+
+    _write(out, rgbd_records(out.parent, renders_per_object=renders, seed=seed), summarize_rgbd)
+
+
+@app.command("pybullet-video")
+@user_errors
+def pybullet_video(
+    out: Path = typer.Option(Path("outputs/video/manifest.jsonl"), "--out", "-o", help="Manifest to write."),
+    clips: int = typer.Option(8, min=1, help="Clips per action-object combination."),
+    seed: int = typer.Option(0, help="Seed of poses, pushes, cameras and lights."),
+) -> None:
+    """Physics clips (drops, bounces, rolls, slides, spins, topples) of pybullet objects as MP4.
+
+    Captions come from the script ("A soccer ball bounces on the floor."). Some
+    action-object combinations are held out: their clips are test only. Rerunning resumes.
+
+    Example:  oneencoder data pybullet-video --out outputs/video/manifest.jsonl --clips 8
+    """
+    from oneencoder.datasets.pybullet_video import summarize as summarize_video, video_records
+
+    _write(out, video_records(out.parent, clips_per_combo=clips, seed=seed), summarize_video)
 
 
 @app.command("chemicals")

@@ -18,6 +18,9 @@ def print_results(test: dict) -> None:
     rows = [(d, r["metrics"], r["chance"]) for d, r in test["directions"].items()]
     echo(f"held-out {test['split']} split (chance level in brackets):")
     echo(format_table(rows))
+    for subset, directions in test.get("subsets", {}).items():
+        echo(f"\n{test['split']} subset held out by {subset}:")
+        echo(format_table([(d, r["metrics"], r["chance"]) for d, r in directions.items()]))
 
 
 @user_errors

@@ -71,16 +71,19 @@ def evaluate_samples(
     cache_root: str | Path,
     split: str = "test",
     batch_size: int = 256,
+    subset_key: str = "heldout",
 ) -> dict[str, Any]:
     """Retrieval in every direction between the given modalities on one split.
 
     Samples missing from a modality's cache (rejected, or without that field) are
-    left out of the pairs involving that modality only.
+    left out of the pairs involving that modality only. If records carry
+    ``subset_key`` (e.g. ``heldout: "object"`` vs ``"pose"``), each subset is also
+    scored on its own, queries and gallery both restricted to it, under ``subsets``.
     """
     rows = [r for r in records if r.get("split") == split]
     if not rows:
         raise OneEncoderError(f"the manifest has no {split!r} samples")
-    embedded: dict[str, tuple[torch.Tensor, list[str]]] = {}
+    embedded: dict[str, tuple[torch.Tensor, list[str], list[str]]] = {}
     for name, modality in modalities.items():
         path = cache_dir_for(cache_root, name)
         with FeatureCache(path, modality.fingerprint(), readonly=True) as cache:
@@ -89,12 +92,33 @@ def evaluate_samples(
             if not kept:
                 continue
             bank = FeatureBank.from_cache(cache, [r["id"] for r in kept])
-        embedded[name] = (embed_bank(model, name, bank, batch_size), [r.get("group", r["id"]) for r in kept])
-    results: dict[str, Any] = {"split": split, "directions": {}}
+        embedded[name] = (embed_bank(model, name, bank, batch_size), [r.get("group", r["id"]) for r in kept],
+                          [r["id"] for r in kept])
+    results: dict[str, Any] = {"split": split, "directions": _directions(embedded, modalities)}
+    subsets = sorted({str(r[subset_key]) for r in rows if r.get(subset_key) is not None})
+    if subsets:
+        results["subsets"] = {}
+        for value in subsets:
+            ids = {r["id"] for r in rows if str(r.get(subset_key)) == value}
+            part = {}
+            for name, (emb, groups, kept_ids) in embedded.items():
+                index = [i for i, sid in enumerate(kept_ids) if sid in ids]
+                if index:
+                    part[name] = (emb[index], [groups[i] for i in index], [kept_ids[i] for i in index])
+            results["subsets"][value] = _directions(part, modalities)
+    return results
+
+
+def _directions(embedded: dict[str, tuple[torch.Tensor, list[str], list[str]]],
+                modalities: dict[str, Modality]) -> dict[str, Any]:
+    """Every direction between embedded modalities; pairs with no relevant item are left out."""
+    out: dict[str, Any] = {}
     for a, b in permutations(embedded, 2):
-        (ea, ga), (eb, gb) = embedded[a], embedded[b]
-        results["directions"][f"{a}→{b}"] = {
+        (ea, ga, _), (eb, gb, _) = embedded[a], embedded[b]
+        if not set(ga) & set(gb):
+            continue  # e.g. a subset holding only one of the two modalities' samples
+        out[f"{a}→{b}"] = {
             **retrieval_between(ea, ga, eb, gb, modalities[a].spec.dedupe_in_eval, modalities[b].spec.dedupe_in_eval),
             "n_query_samples": len(ga),
         }
-    return results
+    return out

@@ -270,11 +270,21 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
              "data_hash": manifest_hash(records), "config": config.to_dict(),
              "n_train": len(train.ids), "n_val": len(val.ids)}
 
+    # A frozen anchor is ranked in full: every validation sample it has, not only those
+    # paired with the new modality (e.g. all val captions, not the 14 with a sound). The
+    # bigger gallery makes the score less noisy, and it matches the test protocol.
+    gallery = {a: val, b: val}
+    if anchor is not None:
+        full = load_pair_split(records, "val", {anchor: modalities[anchor]}, config.data.cache_dir, device)
+        gallery[anchor] = full
+        anchor_val = embed_bank(model, anchor, full.banks[anchor], config.train.eval_batch_size)
+
     def validate() -> dict[str, float]:
-        ea = embed_bank(model, a, val.banks[a], config.train.eval_batch_size)
-        eb = embed_bank(model, b, val.banks[b], config.train.eval_batch_size)
-        return _score({f"{a}→{b}": retrieval_between(ea, val.groups, eb, val.groups, dedupe[a], dedupe[b]),
-                       f"{b}→{a}": retrieval_between(eb, val.groups, ea, val.groups, dedupe[b], dedupe[a])})
+        ea, eb = (anchor_val if n == anchor else embed_bank(model, n, gallery[n].banks[n], config.train.eval_batch_size)
+                  for n in (a, b))
+        ga, gb = gallery[a].groups, gallery[b].groups
+        return _score({f"{a}→{b}": retrieval_between(ea, ga, eb, gb, dedupe[a], dedupe[b]),
+                       f"{b}→{a}": retrieval_between(eb, gb, ea, ga, dedupe[b], dedupe[a])})
 
     def on_best(val_metrics: dict[str, float]) -> None:
         save_model(model, model_dir, metas, {**entry, "val": val_metrics}, write=list(config.trainable))
@@ -290,16 +300,22 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
         evaluated.update({n: m for n, m in others.items()
                           if (cache_dir_for(config.data.cache_dir, n) / "data.mdb").exists()})
     test = evaluate_samples(best, evaluated, records, config.data.cache_dir, "test")
-    summary = {"stage": config.name, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+    summary = {"stage": config.name, "pair": names, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                "steps": fit.steps, "train_seconds": round(fit.seconds, 1), "test": test}
     write_json_atomic(run_dir / "test.json", summary)
     _record_test_metrics(model_dir, meta, config.name, test, fit.best_epoch)
     return summary
 
 
+def _rounded(directions: dict) -> dict:
+    return {d: {k: round(v, 4) for k, v in r["metrics"].items()} for d, r in directions.items()}
+
+
 def _record_test_metrics(model_dir: Path, meta: dict, stage: str, test: dict, best_epoch: int) -> None:
     for entry in meta["stages"]:
         if entry["name"] == stage:
             entry["best_epoch"] = best_epoch
-            entry["test"] = {d: {k: round(v, 4) for k, v in r["metrics"].items()} for d, r in test["directions"].items()}
+            entry["test"] = _rounded(test["directions"])
+            for subset, directions in test.get("subsets", {}).items():
+                entry[f"test[{subset}]"] = _rounded(directions)
     write_json_atomic(model_dir / META, meta)

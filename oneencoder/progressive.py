@@ -1,0 +1,80 @@
+"""Progressive alignment as a library call: add one modality to a trained model.
+
+Only the new modality's adapter and token train; the Universal Projection and
+every earlier adapter stay byte-identical (their checksums are verified at load).
+
+Example:
+    >>> from oneencoder.progressive import add_modality
+    >>> summary = add_modality("audio", "outputs/demo/model", "outputs/audio/manifest.jsonl")
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+from .cache import build_cache
+from .checkpoint import modality_from_meta, read_meta
+from .config import StageConfig, parse_stage, resolve_stage_path
+from .errors import ConfigError
+from .manifest import read_manifest
+from .registry import create_modality, get_modality_class
+from .stage import run_stage
+
+
+def _stage_raw(modality: str, stage: str | Path | None) -> tuple[dict, str]:
+    """The shipped (or given) stage file for this modality, or a minimal default."""
+    try:
+        path = resolve_stage_path(stage or modality)
+    except ConfigError:
+        if stage:
+            raise
+        return {"stage": {"name": f"add_{modality}", "modalities": [modality, "text"], "trainable": [modality]}}, "<default>"
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8")), str(path)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+
+
+def add_modality_config(modality: str, manifest: str | Path, *, anchor: str | None = None,
+                        cache_dir: str | Path | None = None, stage: str | Path | None = None,
+                        overrides: dict[str, dict[str, Any]] | None = None) -> StageConfig:
+    """The stage config of an add-modality run: ``stages/<modality>.toml`` (if shipped) with the
+    pair set to ``(modality, anchor)``, only ``modality`` trainable, and the given data."""
+    raw, source = _stage_raw(modality, stage)
+    anchor = anchor or get_modality_class(modality).spec.default_anchor or "text"
+    raw.setdefault("stage", {}).update({"modalities": [modality, anchor], "trainable": [modality]})
+    manifest = Path(manifest)
+    raw["data"] = {"manifest": str(manifest), "cache_dir": str(cache_dir or manifest.parent / "cache")}
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    raw["modalities"] = {k: v for k, v in raw.get("modalities", {}).items() if k in (modality, anchor)}
+    return parse_stage(raw, source)
+
+
+def add_modality(modality: str, model_dir: str | Path, manifest: str | Path, *, anchor: str | None = None,
+                 cache_dir: str | Path | None = None, stage: str | Path | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None, replace: bool = False, workers: int = 2,
+                 log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Cache features, then train ``modality`` against the frozen ``anchor`` of ``model_dir``.
+
+    Features are cached for the new modality, the anchor and every other modality the
+    model holds whose inputs the manifest has (their test pairs are the emergent ones).
+
+    Returns:
+        The stage summary: best epoch, timings and held-out test results in every direction.
+    """
+    config = add_modality_config(modality, manifest, anchor=anchor, cache_dir=cache_dir, stage=stage,
+                                 overrides=overrides)
+    anchor = config.modalities[1]
+    meta = read_meta(model_dir)
+    if anchor not in meta["modalities"]:
+        raise ConfigError(f"--anchor {anchor}: the model holds {', '.join(meta['modalities'])}")
+    records = read_manifest(config.data.manifest)
+    to_cache = [create_modality(modality, **config.modality_options.get(modality, {}))]
+    to_cache += [modality_from_meta(n, info) for n, info in meta["modalities"].items()
+                 if n != modality and any(r.get(info["record_key"]) for r in records)]
+    for m in to_cache:
+        log(build_cache(m, records, config.data.cache_dir, num_workers=workers, progress=progress).summary())
+    return run_stage(config, model_dir, replace=replace, progress=progress)
