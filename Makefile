@@ -1,6 +1,7 @@
 # Two commands on a fresh Debian machine with Python 3.11 (as root):
 #   make demo   sets everything up, then trains and evaluates Stage 1 on Tux Paint stamps
 #   make test   sets everything up, then runs the test suite
+#   make demo-all  (optional) builds one model with six modalities and a results table
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean system-deps
+.PHONY: setup demo demo-all test bench clean system-deps
 
 setup: $(STAMP) system-deps
 
@@ -36,6 +37,10 @@ system-deps:
 
 demo: setup
 	$(BIN)/oneencoder demo --out outputs/demo
+
+# All six modalities in one model: Stage 1, then audio, molecules, depth, video.
+demo-all: setup
+	$(BIN)/oneencoder demo-all --out outputs/demo-all
 
 test: setup
 	$(BIN)/python -m pytest -q

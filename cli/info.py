@@ -30,5 +30,7 @@ def info(model: Path = typer.Argument(..., help="Model directory.")) -> None:
     for s in meta["stages"]:
         echo(f"  {s['name']:12s} {'+'.join(s['pair'])}  trained={','.join(s['trainable'])}  "
              f"n_train={s.get('n_train')}  {s.get('time', '')}")
-        for direction, metrics in s.get("test", {}).items():
-            echo(f"    test {direction}: " + "  ".join(f"{k}={metrics[k]:.3f}" for k in ("R@1", "R@5", "R@10")))
+        for key in [k for k in s if k == "test" or k.startswith("test[")]:
+            for direction, metrics in s[key].items():
+                shown = [k for k in ("R@1", "R@5", "R@10", "MRR") if k in metrics]
+                echo(f"    {key} {direction}: " + "  ".join(f"{k}={metrics[k]:.3f}" for k in shown))

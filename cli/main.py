@@ -7,6 +7,7 @@ import typer
 from . import cache, curriculum, data
 from .add_modality import add_modality
 from .demo import demo
+from .demo_all import demo_all
 from .embed import embed
 from .evaluate import evaluate
 from .info import info
@@ -15,7 +16,8 @@ from .train import train
 app = typer.Typer(
     name="oneencoder",
     help="Progressive multi-modal alignment on frozen backbones.\n\n"
-    "Quick start:  oneencoder demo   (Tux Paint image-text Stage 1, then eval)",
+    "Quick start:  oneencoder demo   (Tux Paint image-text Stage 1, then eval)\n\n"
+    "Six modalities:  oneencoder demo-all   (then audio, molecules, depth, video)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -29,6 +31,7 @@ app.command("embed")(embed)
 app.command("info")(info)
 app.command("add-modality")(add_modality)
 app.command("demo")(demo)
+app.command("demo-all")(demo_all)
 
 
 def main() -> None:

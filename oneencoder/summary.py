@@ -36,8 +36,9 @@ def model_results(model_dir: str | Path) -> list[dict[str, Any]]:
     """Rows for every stage of the model, in training order.
 
     Stage 1 contributes its own pair; an add-modality stage contributes every direction
-    that involves its new modality (the trained pair and the emergent ones), overall and
-    for each held-out subset (e.g. held-out objects vs held-out poses).
+    that involves its new modality (the trained pair and the emergent ones), on the whole
+    test split or, if its records mark held-out subsets, on each subset (e.g. held-out
+    objects vs held-out poses).
     """
     model_dir = Path(model_dir)
     rows = []
@@ -48,7 +49,9 @@ def model_results(model_dir: str | Path) -> list[dict[str, Any]]:
         test = json.loads(path.read_text(encoding="utf-8"))["test"]
         pair, new = entry["pair"], [m for m in entry["trainable"] if m != "projection"]
         keep = set(pair) if "projection" in entry["trainable"] else set(new)
-        parts = [("all", test["directions"])] + sorted(test.get("subsets", {}).items())
+        # With held-out subsets (e.g. unseen poses vs unseen objects) the pooled split mixes two
+        # different questions, so only the subsets are reported.
+        parts = sorted(test["subsets"].items()) if test.get("subsets") else [("all", test["directions"])]
         for subset, directions in parts:
             for direction, result in directions.items():
                 if set(direction.split("→")) & keep and ("projection" not in entry["trainable"]
