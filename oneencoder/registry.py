@@ -24,7 +24,7 @@ from torch import nn
 from .errors import ConfigError
 
 # Modules under oneencoder.modalities that register the built-in modalities.
-_BUILTIN_MODULES = ("text", "image", "audio", "molecule", "depth")
+_BUILTIN_MODULES = ("text", "image", "audio", "molecule", "depth", "video")
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@ Files are written atomically and an existing variant is reused, so reruns are ch
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..backbones import require
 from ..errors import SampleError
+from ..fileio import atomic_path
 
 SAMPLE_RATE = 44100
 AUGMENT_VERSION = "v1"  # bump when the recipe changes: variant file names change with it
@@ -49,15 +48,8 @@ def augment_waveform(wave: np.ndarray, sr: int, rng: np.random.Generator) -> np.
 
 def _write_wav_atomic(path: Path, wave: np.ndarray, sr: int) -> None:
     soundfile = require("soundfile")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".wav")
-    os.close(fd)
-    try:
-        soundfile.write(tmp, wave, sr, subtype="PCM_16")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        soundfile.write(tmp, wave, sr, subtype="PCM_16", format="WAV")
 
 
 def augment_records(records: list[dict], out_dir: str | Path, copies: int, seed: int = 0,
