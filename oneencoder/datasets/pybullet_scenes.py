@@ -32,7 +32,7 @@ class ObjectSpec:
         path: File relative to ``pybullet_data``: a ``.urdf`` or a mesh (``.obj``).
         scale: Global scaling, chosen so objects are roughly 0.1-0.6 m across.
         rgba: Colour for bare meshes (URDFs keep their own materials and textures).
-        rolls: Whether the object can roll (round), used to script plausible actions.
+        rolls: Round enough to roll when pushed, so it is never scripted to slide.
     """
 
     name: str
