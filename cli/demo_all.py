@@ -44,17 +44,20 @@ def demo_all(
         echo("== stage 1: image + text (Tux Paint stamps)")
         run_stage1(out / "tuxpaint", step="  [{i}/3]", model_dir=model, workers=workers)
     timings["image+text"] = time.time() - tic
+    # (modality, anchor, manifest builder, cache root). The audio manifest holds the same stamp
+    # ids as Stage 1's, so it shares that cache: images and captions are not encoded twice.
     steps = [
-        ("audio", "text", lambda: build_tuxpaint_audio(out / "audio" / "manifest.jsonl")),
-        ("molecule", "text", lambda: build_chemicals(out / "chemicals" / "manifest.jsonl", molecules)),
-        ("depth", "image", lambda: build_pybullet_rgbd(out / "rgbd" / "manifest.jsonl", renders)),
-        ("video", "text", lambda: build_pybullet_video(out / "video" / "manifest.jsonl", clips)),
+        ("audio", "text", lambda: build_tuxpaint_audio(out / "audio" / "manifest.jsonl"), out / "tuxpaint" / "cache"),
+        ("molecule", "text", lambda: build_chemicals(out / "chemicals" / "manifest.jsonl", molecules), None),
+        ("depth", "image", lambda: build_pybullet_rgbd(out / "rgbd" / "manifest.jsonl", renders), None),
+        ("video", "text", lambda: build_pybullet_video(out / "video" / "manifest.jsonl", clips), None),
     ]
-    for modality, anchor, build in steps:
+    for modality, anchor, build, cache_dir in steps:
         tic = time.time()
         echo(f"== add {modality} (aligned to {anchor})")
         manifest = build()
-        summary = add_modality(modality, model, manifest, anchor=anchor, workers=workers, log=echo)
+        summary = add_modality(modality, model, manifest, anchor=anchor, cache_dir=cache_dir, workers=workers,
+                               log=echo)
         echo(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")
         timings[modality] = time.time() - tic
     rows, json_path, png_path = write_results(model, out)

@@ -16,6 +16,18 @@ from .fileio import write_json_atomic
 
 # Molecules are reported the Text2Mol way (MRR, Hits@1, Hits@10); Hits@K is R@K.
 _RANKING_MODALITIES = {"molecule"}
+# What each held-out subset means (values of a test record's ``heldout`` field), in report order.
+SUBSET_LABELS = {
+    "all": "test split",
+    "pose": "new poses of seen objects",
+    "object": "unseen objects",
+    "seen_combo": "new clips of seen action-object combos",
+    "combo": "unseen action-object combos",
+}
+
+
+def _subset_order(subset: str) -> int:
+    return list(SUBSET_LABELS).index(subset) if subset in SUBSET_LABELS else len(SUBSET_LABELS)
 
 
 def _row(stage: str, pair: list[str], direction: str, subset: str, result: dict) -> dict[str, Any]:
@@ -51,7 +63,8 @@ def model_results(model_dir: str | Path) -> list[dict[str, Any]]:
         keep = set(pair) if "projection" in entry["trainable"] else set(new)
         # With held-out subsets (e.g. unseen poses vs unseen objects) the pooled split mixes two
         # different questions, so only the subsets are reported.
-        parts = sorted(test["subsets"].items()) if test.get("subsets") else [("all", test["directions"])]
+        parts = (sorted(test["subsets"].items(), key=lambda kv: (_subset_order(kv[0]), kv[0]))
+                 if test.get("subsets") else [("all", test["directions"])])
         for subset, directions in parts:
             for direction, result in directions.items():
                 if set(direction.split("→")) & keep and ("projection" not in entry["trainable"]
@@ -62,7 +75,7 @@ def model_results(model_dir: str | Path) -> list[dict[str, Any]]:
 
 def format_results(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table; molecules show MRR and Hits@K, the rest R@K."""
-    head = f"{'stage':14s} {'direction':16s} {'kind':8s} {'subset':11s} {'R@1 / Hits@1':>22s} " \
+    head = f"{'stage':14s} {'direction':16s} {'kind':8s} {'held out':11s} {'R@1 / Hits@1':>22s} " \
            f"{'R@10 / Hits@10':>22s} {'MRR':>22s} {'R@1 x chance':>12s}"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -70,6 +83,9 @@ def format_results(rows: list[dict[str, Any]]) -> str:
         mrr = cell("MRR") if r["metric_style"] == "ranking" else ""
         lines.append(f"{r['stage']:14s} {r['direction']:16s} {r['kind']:8s} {r['subset']:11s} {cell('R@1'):>22s} "
                      f"{cell('R@10'):>22s} {mrr:>22s} {r['R@1_over_chance']:>11.1f}x")
+    used = [k for k in SUBSET_LABELS if k != "all" and any(r["subset"] == k for r in rows)]
+    if used:
+        lines.append("held out: " + "; ".join(f"{k} = {SUBSET_LABELS[k]}" for k in used))
     return "\n".join(lines)
 
 
@@ -81,15 +97,18 @@ def plot_results(rows: list[dict[str, Any]], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    labels = [f"{r['direction']}  [{r['stage']}{'' if r['subset'] == 'all' else ', ' + r['subset']}]" for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.4))
+    labels = [f"{r['direction']}  [{r['stage']}{'' if r['subset'] == 'all' else ': ' + SUBSET_LABELS.get(r['subset'], r['subset'])}]"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.4))
     ys = range(len(rows))[::-1]
     colours = ["#2b6cb0" if r["kind"] == "trained" else "#dd6b20" for r in rows]
     ax.barh(list(ys), [r["R@1"] for r in rows], color=colours)
     ax.scatter([r["chance_R@1"] for r in rows], list(ys), marker="|", s=160, color="black", zorder=3)
+    for y, r in zip(ys, rows):
+        ax.text(r["R@1"] + 0.01, y, f"{r['R@1_over_chance']:.1f}x chance", va="center", fontsize=7)
     ax.set_yticks(list(ys), labels, fontsize=8)
     ax.set_xlabel("held-out R@1 (Hits@1 for molecules); black tick = chance")
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, 1.15)  # room for the "x chance" labels
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#2b6cb0", "#dd6b20")]
     ax.legend(handles, ["trained pair", "emergent pair"], loc="lower right", fontsize=8)
     ax.set_title("oneencoder: retrieval on held-out data, every modality pair")

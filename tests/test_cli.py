@@ -46,8 +46,9 @@ def _assert_user_error(result) -> None:
 
 
 def test_all_commands_are_found() -> None:
-    assert {("data", "tuxpaint"), ("cache", "build"), ("train",), ("eval",), ("embed",), ("info",),
-            ("demo",)} <= set(LEAVES)
+    assert {("data", "tuxpaint"), ("data", "tuxpaint-audio"), ("data", "chemicals"), ("data", "pybullet-rgbd"),
+            ("data", "pybullet-video"), ("cache", "build"), ("train",), ("eval",), ("embed",), ("info",),
+            ("add-modality",), ("demo",), ("demo-all",)} <= set(LEAVES)
 
 
 def test_top_level_help_lists_commands() -> None:
@@ -71,6 +72,38 @@ def test_data_tuxpaint_writes_a_manifest(tmp_path: Path, stamps) -> None:
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output and f"stamps={len(stamps)}" in result.output
     assert read_manifest(out) == stamps
+
+
+def test_data_tuxpaint_audio_sound_only(tmp_path: Path, stamps) -> None:
+    out = tmp_path / "audio.jsonl"
+    result = invoke("data", "tuxpaint-audio", "--out", out, "--sound-only", "--augment", "0")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out) == [r for r in stamps if r["sound"]]
+
+
+def test_data_pybullet_rgbd_writes_renders_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "rgbd" / "manifest.jsonl"
+    result = invoke("data", "pybullet-rgbd", "--out", out, "--renders", "1")
+    assert result.exit_code == 0, result.output
+    records = read_manifest(out)
+    assert len(records) == 17 and {r["heldout"] for r in records if r["split"] == "test"} <= {"pose", "object"}
+    assert all(Path(r["depth"]).is_file() and Path(r["image"]).is_file() for r in records)
+    again = invoke("data", "pybullet-rgbd", "--out", out, "--renders", "1")
+    assert again.exit_code == 0 and read_manifest(out) == records
+
+
+def test_pybullet_import_banner_stays_off_stdout() -> None:
+    import subprocess
+    import sys
+
+    code = "from oneencoder.datasets.pybullet_scenes import pybullet_module; pybullet_module(); print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stdout
+
+
+def test_data_command_bad_option_is_a_clear_error(tmp_path: Path) -> None:
+    result = invoke("data", "pybullet-video", "--out", tmp_path / "v.jsonl", "--clips", "0")
+    assert result.exit_code == 2 and "--clips" in result.output
 
 
 def test_cache_build_command(tmp_path: Path, small_records) -> None:

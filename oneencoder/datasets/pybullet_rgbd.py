@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from ..errors import OneEncoderError
 from ..fileio import atomic_path
 from ..manifest import caption_group
-from .pybullet_scenes import CATALOG, Camera, ObjectSpec, bounds, framing_distance, load_object, physics_client
+from .pybullet_scenes import (CATALOG, Camera, ObjectSpec, bounds, framing_distance, load_object, physics_client,
+                              pybullet_module)
 
 # Three objects that look unlike anything left in training (an organic mesh, a
 # multi-link robot, an open box), so "object" held-out numbers test generalisation.
@@ -86,7 +87,7 @@ def _view(rng: np.random.Generator) -> dict[str, Any]:
 
 def _place(client: int, body: int, view: dict[str, Any]) -> tuple[tuple[float, float, float], float]:
     """Orient the body at the origin; return the camera target and framing distance."""
-    import pybullet as p
+    p = pybullet_module()
 
     orn = p.getQuaternionFromEuler([view["object_roll"], 0.0, view["object_yaw"]])
     p.resetBasePositionAndOrientation(body, [0.0, 0.0, 0.0], orn, physicsClientId=client)
@@ -172,7 +173,7 @@ def rgbd_records(
                 })
                 bar.update(1)
             if body is not None:
-                import pybullet as p
+                p = pybullet_module()
 
                 p.removeBody(body, physicsClientId=client)
     bar.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -85,12 +87,25 @@ def physics_client(gravity: float = -9.81) -> Iterator[int]:
         p.disconnect(physicsClientId=client)
 
 
-def _pybullet():
+def pybullet_module():
+    """The ``pybullet`` module, imported without its "build time" banner on stdout."""
+    if "pybullet" in sys.modules:
+        return sys.modules["pybullet"]
+    sys.stdout.flush()
+    saved = os.dup(1)
     try:
-        import pybullet
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)  # the banner is printed by C code, past sys.stdout
+            import pybullet
     except ImportError:
         raise OneEncoderError(f"the PyPI package `pybullet` is not installed; {INSTALL_HINT}") from None
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
     return pybullet
+
+
+_pybullet = pybullet_module
 
 
 def load_object(client: int, spec: ObjectSpec, position=(0.0, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 1.0),

@@ -31,8 +31,8 @@ from ..backbones import require
 from ..errors import OneEncoderError
 from ..fileio import atomic_path
 from ..manifest import caption_group
-from .pybullet_scenes import CATALOG, Camera, ObjectSpec, bounds, data_path, framing_distance, load_floor, \
-    load_object, physics_client, rest_on_floor
+from .pybullet_scenes import (CATALOG, Camera, ObjectSpec, bounds, data_path, framing_distance, load_floor,
+                              load_object, physics_client, pybullet_module, rest_on_floor)
 
 ACTIONS = ("drops", "bounces", "rolls", "slides", "spins", "topples")
 PHYSICS_HZ = 240
@@ -179,7 +179,7 @@ class Clip:
 
 
 def _pb():
-    return require("pybullet")
+    return pybullet_module()
 
 
 def _quat(axis: np.ndarray, degrees: float) -> tuple[float, ...]:
