@@ -37,6 +37,10 @@ class AdapterConfig:
     hidden: int = 512  # 0: a single linear map (LayerNorm + Linear)
     dropout: float = 0.1
     positions: bool = True  # learned per-position embedding (grid cells, frames)
+    # For a modality without a frozen language vector, under a language prior: predict that
+    # vector from the adapted tokens instead of leaving zeros, so the modality can match the
+    # sentence-space part that dominates text embeddings. Trained with (and stored in) the adapter.
+    language_head: bool = False
 
 
 class Adapter(nn.Module):
@@ -59,6 +63,16 @@ class Adapter(nn.Module):
         self.mlp = nn.Sequential(nn.LayerNorm(in_dim), *layers)
         self.modality_token = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
         self.positions = nn.Parameter(torch.zeros(1, max_tokens, d_model)) if config.positions else None
+        self.language_head: nn.Linear | None = None
+
+    def add_language_head(self, language_dim: int) -> None:
+        self.language_head = nn.Linear(self.modality_token.shape[-1], language_dim)
+
+    def predict_language(self, adapted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unit-norm language-space vector from the mean of the adapted tokens (modality token excluded)."""
+        w = mask[:, 1:].to(adapted.dtype).unsqueeze(-1)
+        pooled = (adapted[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return F.normalize(self.language_head(pooled), dim=-1)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.mlp(tokens)
@@ -132,6 +146,8 @@ class OneEncoderModel(nn.Module):
                                  f"{self.projection_config.language_dim} wide")
         self.language_slices[name] = language_slice
         self.adapters[name] = Adapter(feature_dim, self.projection_config.d_model, max_tokens, config)
+        if config.language_head and language_slice is None and self.projection_config.language_prior > 0:
+            self.adapters[name].add_language_head(self.projection_config.language_dim)
         self.adapter_configs[name] = config
         return self.adapters[name]
 
@@ -142,9 +158,13 @@ class OneEncoderModel(nn.Module):
         if weight <= 0:
             return learned
         span = self.language_slices.get(modality)
-        if span is None:  # no frozen language vector: the learned part alone, still unit norm
+        adapter = self.adapters[modality]
+        if span is not None:
+            prior = F.normalize(tokens[:, 0, span[0] : span[1]].to(learned.dtype), dim=-1)
+        elif adapter.language_head is not None:
+            prior = adapter.predict_language(x, adapted_mask).to(learned.dtype)
+        else:  # no language vector at all: the learned part alone, still unit norm
             return torch.cat([learned, learned.new_zeros(learned.shape[0], self.projection_config.language_dim)], -1)
-        prior = F.normalize(tokens[:, 0, span[0] : span[1]].to(learned.dtype), dim=-1)
         return torch.cat([learned * (1 - weight) ** 0.5, prior * weight**0.5], dim=-1)
 
     # open_clip-style locking: frozen parts are eval-mode and grad-free.

@@ -223,3 +223,33 @@ def test_language_prior_blends_a_frozen_sentence_space_vector() -> None:
     assert torch.allclose(without.norm(dim=-1), torch.ones(4), atol=1e-5)  # still unit norm
     with pytest.raises(ValueError, match="not 8 wide"):
         model.add_modality("bad", 20, 3, AdapterConfig(hidden=0), language_slice=(0, 5))
+
+
+def test_language_head_predicts_the_sentence_space_part_and_trains_with_its_adapter() -> None:
+    torch.manual_seed(0)
+    cfg = ProjectionConfig(d_model=32, layers=1, heads=4, language_prior=0.65, language_dim=8)
+    model = OneEncoderModel(cfg)
+    model.add_modality("frozen_side", 20, 1, AdapterConfig(hidden=0), language_slice=(12, 20))
+    head = model.add_modality("new", 10, 4, AdapterConfig(hidden=0, language_head=True))
+    model.lock_projection()
+    model.lock_adapter("frozen_side")
+    assert head.language_head is not None and head.language_head.out_features == 8
+    # A modality with its own frozen slice never gets a head, even if asked for one.
+    assert model.add_modality("sliced", 20, 1, AdapterConfig(language_head=True), (12, 20)).language_head is None
+    tokens, mask = torch.randn(6, 4, 10), torch.ones(6, 4, dtype=torch.bool)
+    mask[0, 2:] = False
+    model.eval()
+    out = model("new", tokens, mask)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(6), atol=1e-5)
+    assert torch.count_nonzero(out[:, 32:]) > 0  # predicted, not zeros
+    assert torch.allclose(out[:, 32:].norm(dim=-1), torch.full((6,), 0.65**0.5), atol=1e-5)
+    # Padding does not change the prediction.
+    padded = model("new", torch.cat([tokens[:1, :2], torch.randn(1, 2, 10)], 1), mask[:1])
+    assert torch.allclose(padded, out[:1], atol=1e-5)
+    # Gradients reach the head (it is part of the trainable adapter), not the locked parts.
+    model.train()
+    target = F.normalize(torch.randn(6, 40), dim=-1)
+    (1 - (model("new", tokens, mask) * target).sum(-1)).mean().backward()
+    assert head.language_head.weight.grad is not None and head.language_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.projection.parameters())
+    assert all(p.grad is None for p in model.adapters["frozen_side"].parameters())
