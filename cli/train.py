@@ -14,13 +14,16 @@ from oneencoder.stage import run_stage
 from ._common import data_overrides, echo, quiet_libraries, user_errors
 
 
+_COLUMNS = ("R@1", "R@5", "R@10", "MRR")  # R@K is Hits@K in Text2Mol's terms
+
+
 def print_results(test: dict) -> None:
     rows = [(d, r["metrics"], r["chance"]) for d, r in test["directions"].items()]
     echo(f"held-out {test['split']} split (chance level in brackets):")
-    echo(format_table(rows))
+    echo(format_table(rows, _COLUMNS))
     for subset, directions in test.get("subsets", {}).items():
         echo(f"\n{test['split']} subset held out by {subset}:")
-        echo(format_table([(d, r["metrics"], r["chance"]) for d, r in directions.items()]))
+        echo(format_table([(d, r["metrics"], r["chance"]) for d, r in directions.items()], _COLUMNS))
 
 
 @user_errors
