@@ -42,8 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from oneencoder.errors import ConfigError, SampleError
-from oneencoder.fileio import sha256_text
-from oneencoder.modalities.image import DEFAULT_BACKBONE
+from oneencoder.modalities.image import DEFAULT_BACKBONE, ImageBackboneMixin
 from oneencoder.registry import Modality, ModalitySpec, create_modality, register_modality
 
 ENCODINGS = ("disparity", "normals", "hha", "disparity+normals")
@@ -214,7 +213,7 @@ def _square_resize(chw: np.ndarray, size: int) -> torch.Tensor:
 
 
 @register_modality
-class DepthModality(Modality):
+class DepthModality(ImageBackboneMixin, Modality):
     """Metric depth maps through the frozen image backbone (see the module docstring)."""
 
     spec = ModalitySpec(
@@ -268,15 +267,6 @@ class DepthModality(Modality):
     @property
     def max_tokens(self) -> int:
         return self._image.max_tokens
-
-    def weights_sha256(self) -> str:
-        return sha256_text(self._image.weights_sha256() + "depth")
-
-    def language_slice(self) -> tuple[int, int] | None:
-        return self._image.language_slice() if self.options["semantic"] else None
-
-    def load_backbone(self) -> nn.Module:
-        return self._image.load_backbone()
 
     # ----- samples -------------------------------------------------------------------
     def load(self, source: Any) -> DepthMap:

@@ -277,6 +277,23 @@ class ImageModality(Modality):
         }
 
 
+class ImageBackboneMixin:
+    """For modalities whose frozen encoder is the image modality (``self._image``): depth maps,
+    video frames. Same backbone and weights; the fingerprint still names the modality."""
+
+    _image: ImageModality
+    spec: ModalitySpec
+
+    def weights_sha256(self) -> str:
+        return sha256_text(self._image.weights_sha256() + self.spec.name)
+
+    def load_backbone(self) -> nn.Module:
+        return self._image.load_backbone()
+
+    def language_slice(self) -> tuple[int, int] | None:
+        return self._image.language_slice()
+
+
 @functools.lru_cache(maxsize=None)
 def _cached_sha(path: Path) -> str:
     return sha256_file(path)

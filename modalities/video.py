@@ -59,7 +59,7 @@ from torch import nn
 
 from oneencoder.backbones import require
 from oneencoder.errors import ConfigError, SampleError
-from oneencoder.fileio import sha256_text
+from oneencoder.modalities.image import ImageBackboneMixin
 from oneencoder.registry import Modality, ModalitySpec, create_modality, register_modality
 
 DEFAULT_FPS = 8.0  # frame rate assumed for bare frames (the pybullet clips' rate)
@@ -199,7 +199,7 @@ def _as_rgb(frame: Any, where: str) -> np.ndarray:
 
 
 @register_modality
-class VideoModality(Modality):
+class VideoModality(ImageBackboneMixin, Modality):
     """Short video clips: one frozen image-backbone token per sampled frame."""
 
     spec = ModalitySpec(
@@ -267,17 +267,11 @@ class VideoModality(Modality):
     def max_tokens(self) -> int:
         return self.max_frames + (1 if self.options["summary_token"] else 0)
 
-    def weights_sha256(self) -> str:
-        return sha256_text(self._image.weights_sha256() + "video")
-
     def language_slice(self) -> tuple[int, int] | None:
         # The summary token's label semantics (frame tokens keep them at the same dims).
         return self._image.language_slice() if self.options["summary_token"] else None
 
     # ----- hooks --------------------------------------------------------------------
-    def load_backbone(self) -> nn.Module:
-        return self._image.load_backbone()
-
     def _pick(self, n_total: int, clip_fps: float) -> list[int]:
         o = self.options
         return sample_indices(n_total, clip_fps, int(o["frames"]), float(o["fps"]), int(o["max_frames"]))

@@ -59,16 +59,19 @@ def model_results(model_dir: str | Path) -> list[dict[str, Any]]:
         if not path.is_file():
             continue
         test = json.loads(path.read_text(encoding="utf-8"))["test"]
-        pair, new = entry["pair"], [m for m in entry["trainable"] if m != "projection"]
-        keep = set(pair) if "projection" in entry["trainable"] else set(new)
+        pair = entry["pair"]
+        if "projection" in entry["trainable"]:  # Stage 1: its own pair only
+            wanted = lambda ends: ends <= set(pair)  # noqa: E731
+        else:  # add-modality: everything involving the new modality
+            new = set(entry["trainable"])
+            wanted = lambda ends: bool(ends & new)  # noqa: E731
         # With held-out subsets (e.g. unseen poses vs unseen objects) the pooled split mixes two
         # different questions, so only the subsets are reported.
         parts = (sorted(test["subsets"].items(), key=lambda kv: (_subset_order(kv[0]), kv[0]))
                  if test.get("subsets") else [("all", test["directions"])])
         for subset, directions in parts:
             for direction, result in directions.items():
-                if set(direction.split("→")) & keep and ("projection" not in entry["trainable"]
-                                                         or set(direction.split("→")) <= keep):
+                if wanted(set(direction.split("→"))):
                     rows.append(_row(entry["name"], pair, direction, subset, result))
     return rows
 

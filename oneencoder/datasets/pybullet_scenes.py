@@ -75,7 +75,7 @@ def data_path() -> Path:
 @contextlib.contextmanager
 def physics_client(gravity: float = -9.81) -> Iterator[int]:
     """A headless (``DIRECT``) pybullet client; disconnected on exit."""
-    p = _pybullet()
+    p = pybullet_module()
     client = p.connect(p.DIRECT)
     if client < 0:
         raise OneEncoderError("pybullet could not start a DIRECT physics client")
@@ -105,13 +105,11 @@ def pybullet_module():
     return pybullet
 
 
-_pybullet = pybullet_module
-
 
 def load_object(client: int, spec: ObjectSpec, position=(0.0, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 1.0),
                 fixed: bool = False, mass: float = 0.5) -> int:
     """Load ``spec`` into the scene and return its body id."""
-    p = _pybullet()
+    p = pybullet_module()
     path = data_path() / spec.path
     if not path.is_file():
         raise OneEncoderError(f"pybullet_data has no {spec.path}; reinstall pybullet ({INSTALL_HINT})")
@@ -128,12 +126,12 @@ def load_object(client: int, spec: ObjectSpec, position=(0.0, 0.0, 0.0), orienta
 
 def load_floor(client: int) -> int:
     """The ground plane of ``pybullet_data`` (``plane.urdf``)."""
-    return _pybullet().loadURDF("plane.urdf", physicsClientId=client)
+    return pybullet_module().loadURDF("plane.urdf", physicsClientId=client)
 
 
 def bounds(client: int, body: int) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned bounding box (min, max) of a body and all its links."""
-    p = _pybullet()
+    p = pybullet_module()
     lo, hi = (np.array(v) for v in p.getAABB(body, -1, physicsClientId=client))
     for link in range(p.getNumJoints(body, physicsClientId=client)):
         a, b = (np.array(v) for v in p.getAABB(body, link, physicsClientId=client))
@@ -143,7 +141,7 @@ def bounds(client: int, body: int) -> tuple[np.ndarray, np.ndarray]:
 
 def rest_on_floor(client: int, body: int) -> None:
     """Shift a body so its lowest point touches z = 0."""
-    p = _pybullet()
+    p = pybullet_module()
     lo, _ = bounds(client, body)
     pos, orn = p.getBasePositionAndOrientation(body, physicsClientId=client)
     p.resetBasePositionAndOrientation(body, [pos[0], pos[1], pos[2] - lo[2]], orn, physicsClientId=client)
@@ -169,7 +167,7 @@ class Camera:
             RGB ``uint8 [H, W, 3]``, metric depth in metres ``float32 [H, W]`` (``far`` where
             nothing was hit) and the segmentation mask ``int32 [H, W]`` (body id, -1 = background).
         """
-        p = _pybullet()
+        p = pybullet_module()
         view = p.computeViewMatrixFromYawPitchRoll(list(self.target), self.distance, self.yaw, self.pitch, 0, 2)
         proj = p.computeProjectionMatrixFOV(self.fov, 1.0, self.near, self.far)
         _, _, rgba, depth_buffer, seg = p.getCameraImage(
