@@ -16,7 +16,14 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP) system-deps
 
+# The venv takes about 8.5 GB (PyPI's torch for x86_64 is a CUDA build); fail early and clearly.
+NEED_GB := 10
 $(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt pyproject.toml
+	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ ! -d $(VENV)/lib ] && [ "$$free_gb" -lt $(NEED_GB) ]; then \
+	  echo "error: only $$free_gb GB free here; setting up .venv needs about $(NEED_GB) GB (free some disk space, then rerun make)" >&2; \
+	  exit 1; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements/torch.txt -r requirements/lock.txt

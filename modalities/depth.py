@@ -23,7 +23,8 @@ Missing pixels (0, NaN, inf or negative, i.e. "no return") are 0 in every channe
 The map is padded to a square with missing pixels, resized to ``image_size`` and
 normalised with the image modality's mean/std.
 
-Inputs: a ``.npy`` array (float metres, or integer sensor units times ``depth_scale``),
+Inputs: a ``.npy`` array or a one-array ``.npz`` (float metres, or integer sensor units
+times ``depth_scale``),
 a 16-bit PNG (sensor units times ``depth_scale``, 0.001 = millimetres as Kinect/
 RealSense write them), a 32-bit float TIFF/PNG in metres, or a numpy array / torch
 tensor ``[H, W]`` or ``[H, W, 1]``.
@@ -69,14 +70,20 @@ class DepthMap:
 def _read_file(path: Path, depth_scale: float) -> np.ndarray:
     if not path.is_file():
         raise SampleError(f"{path}: depth file not found")
-    if path.suffix.lower() == ".npy":
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz"):
         with open(path, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":  # else np.load guesses "pickle" and says so
-                raise SampleError(f"{path}: not a .npy file (no NumPy header); save depth with numpy.save")
+            magic = f.read(6)
+        if suffix == ".npy" and magic != b"\x93NUMPY":  # else np.load guesses "pickle" and says so
+            raise SampleError(f"{path}: not a .npy file (no NumPy header); save depth with numpy.save")
+        if suffix == ".npz" and not magic.startswith(b"PK"):
+            raise SampleError(f"{path}: not a .npz file (not a zip archive); save depth with numpy.savez_compressed")
         try:
             arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise SampleError(f"{path}: not a readable .npy depth array ({type(e).__name__}: {e})") from None
+            if suffix == ".npz":
+                arr = _only_array(arr, path)
+        except (ValueError, OSError, EOFError, KeyError) as e:
+            raise SampleError(f"{path}: not a readable {suffix} depth array ({type(e).__name__}: {e})") from None
         return _to_metres(arr, depth_scale, str(path))
     try:
         with Image.open(path) as img:
@@ -91,6 +98,15 @@ def _read_file(path: Path, depth_scale: float) -> np.ndarray:
         raise SampleError(f"{path}: image mode {mode} is not a depth map; "
                           "save depth as a 16-bit grayscale PNG or a float32 .npy")
     return arr.astype(np.float32) * np.float32(depth_scale)
+
+
+def _only_array(archive: Any, path: Path) -> np.ndarray:
+    """The one array of an ``.npz`` (or its ``depth`` entry when it holds several)."""
+    with archive:
+        names = list(archive.files)
+        if len(names) == 1 or "depth" in names:
+            return archive[names[0] if len(names) == 1 else "depth"]
+    raise SampleError(f"{path}: .npz holds {names}; save one array, or name the depth array 'depth'")
 
 
 def _to_metres(arr: Any, depth_scale: float, where: str) -> np.ndarray:

@@ -38,6 +38,12 @@ def depth():
     return create_modality("depth")
 
 
+def _metres(path: str) -> np.ndarray:
+    """A render's depth, read with numpy alone (not through the modality under test)."""
+    with np.load(path) as archive:
+        return archive["depth"]
+
+
 @pytest.fixture(scope="module")
 def backbone(depth):
     return depth.load_backbone()  # the image backbone, memoised per session by conftest
@@ -71,7 +77,7 @@ def test_rerender_is_identical_and_resume_skips_done_files(renders: list[dict], 
                          progress=False)
     first = [r for r in renders if r["object"] == "cube"]
     for a, b in zip(first, again):
-        assert np.array_equal(np.load(a["depth"]), np.load(b["depth"]))
+        assert np.array_equal(_metres(a["depth"]), _metres(b["depth"]))
         assert np.array_equal(np.asarray(Image.open(a["image"])), np.asarray(Image.open(b["image"])))
         assert a["camera"] == b["camera"] and a["split"] == b["split"]
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
@@ -84,7 +90,7 @@ def test_rerender_is_identical_and_resume_skips_done_files(renders: list[dict], 
 
 def test_depth_is_metric_and_background_is_empty(renders: list[dict]) -> None:
     for r in renders:
-        d = np.load(r["depth"])
+        d = _metres(r["depth"])
         rgb = np.asarray(Image.open(r["image"]))
         assert d.dtype == np.float32 and d.shape == rgb.shape[:2] == (224, 224)
         valid = d > 0
@@ -133,8 +139,8 @@ def test_preprocess_is_deterministic_and_pads_non_square(depth, renders: list[di
     assert x.shape == (3, 224, 224) and (x[:, :10] == -1).all() and (x[:, -10:] == -1).all()
 
 
-def test_npy_and_16bit_png_round_trip(depth, renders: list[dict], tmp_path: Path) -> None:
-    metres = np.load(renders[1]["depth"])
+def test_npy_npz_and_16bit_png_round_trip(depth, renders: list[dict], tmp_path: Path) -> None:
+    metres = _metres(renders[1]["depth"])
     png = tmp_path / "depth_mm.png"
     Image.fromarray(np.round(metres * 1000).astype(np.uint16)).save(png)
     assert Image.open(png).mode.startswith("I")
@@ -151,6 +157,11 @@ def test_npy_and_16bit_png_round_trip(depth, renders: list[dict], tmp_path: Path
     assert np.array_equal(depth.load(torch.from_numpy(metres)).depth, depth.load(metres).depth)
     assert np.allclose(depth.load(np.round(metres * 1000).astype(np.uint16)).depth, from_png.depth)
     assert depth.load(metres[..., None]).depth.shape == metres.shape
+    # The renders are compressed .npz; a plain .npy and an .npz with another key read the same.
+    np.save(tmp_path / "plain.npy", metres)
+    np.savez(tmp_path / "other_key.npz", anything=metres)
+    for path in (tmp_path / "plain.npy", tmp_path / "other_key.npz"):
+        assert np.array_equal(depth.load(path).depth, depth.load(renders[1]["depth"]).depth)
 
 
 # ----- bad input -------------------------------------------------------------------------
@@ -166,7 +177,7 @@ def test_all_nan_map_is_a_sample_error_naming_the_file(depth, tmp_path: Path) ->
 
 
 def test_partially_missing_map_is_accepted(depth, renders: list[dict]) -> None:
-    metres = np.load(renders[0]["depth"])
+    metres = _metres(renders[0]["depth"])
     holes = metres.copy()
     holes[:, ::2] = np.nan
     holes[0, 0], holes[0, 1] = -1.0, np.inf
@@ -180,7 +191,8 @@ def test_partially_missing_map_is_accepted(depth, renders: list[dict]) -> None:
     assert all(np.isfinite(v) for v in m_full.values()) and 0 <= m_full["edge_density"] < 1
 
 
-@pytest.mark.parametrize("case", ["missing", "rgb_array", "rgb_npy", "text_npy", "pickle_npy", "rgb_png"])
+@pytest.mark.parametrize("case", ["missing", "rgb_array", "rgb_npy", "text_npy", "pickle_npy", "rgb_png",
+                                  "text_npz", "two_arrays_npz"])
 def test_bad_inputs_raise_sample_error(depth, tmp_path: Path, case: str) -> None:
     rgb = np.zeros((16, 16, 3), np.uint8)
     path = tmp_path / f"{case}.npy"
@@ -197,10 +209,17 @@ def test_bad_inputs_raise_sample_error(depth, tmp_path: Path, case: str) -> None
     elif case == "rgb_png":
         path = tmp_path / "photo.png"
         Image.fromarray(rgb).save(path)
+    elif case == "text_npz":
+        path = tmp_path / "notes.npz"
+        path.write_text("not a zip archive\n")
+    elif case == "two_arrays_npz":
+        path = tmp_path / "two.npz"
+        np.savez(path, a=np.ones((4, 4)), b=np.ones((4, 4)))
     with pytest.raises(SampleError, match=path.name) as err:
         depth.load(path)
-    if case == "text_npy":
-        assert "no NumPy header" in str(err.value)
+    expected = {"text_npy": "no NumPy header", "text_npz": "not a zip archive", "two_arrays_npz": "name the depth array"}
+    if case in expected:
+        assert expected[case] in str(err.value)
 
 
 def test_difficulty_never_raises(depth) -> None:

@@ -81,7 +81,25 @@ def test_mp4_decodes_to_sixteen_224px_frames_at_8fps(dataset) -> None:
 
     keyframe = np.asarray(Image.open(dataset[1][0]["image"]).convert("RGB")).astype(int)
     assert keyframe.shape == (224, 224, 3)
-    assert np.abs(keyframe - frames[8]).mean() < np.abs(keyframe - frames[0]).mean()  # H.264 is lossy
+    # Not equal: the mp4 stores 4:2:0 chroma, the PNG full RGB.
+    assert np.abs(keyframe - frames[8]).mean() < np.abs(keyframe - frames[0]).mean()
+
+
+def test_mp4_is_lossless_so_regenerated_data_decodes_to_the_same_pixels(by_id) -> None:
+    clip = pv.simulate_clip("cube", "drops", seed=0, index=0)
+    with av.open(by_id["drops/cube_000"]["video"]) as container:
+        decoded = np.stack([f.to_ndarray(format="yuv420p") for f in container.decode(video=0)])
+    expected = np.stack([pv.rgb_to_yuv420p(f) for f in clip.frames])
+    assert decoded.shape == expected.shape == (16, 336, 224)
+    assert np.array_equal(decoded, expected)
+    # The conversion is BT.601 limited range: white -> Y 235, black -> Y 16, grey has neutral chroma.
+    rgb = np.zeros((4, 2, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[2:] = 255, 128
+    plane = pv.rgb_to_yuv420p(rgb)
+    assert plane.shape == (6, 2) and plane[0].tolist() == [235, 16]
+    assert abs(int(plane[5, 0]) - 128) <= 1 and abs(int(plane[5, 1]) - 128) <= 1  # achromatic blocks: neutral chroma
+    with pytest.raises(OneEncoderError, match="height divisible by 4"):
+        pv.write_mp4(Path("odd.mp4"), np.zeros((2, 6, 8, 3), dtype=np.uint8))
 
 
 def test_physics_is_real_drop_lands_and_bounce_rises_again() -> None:
