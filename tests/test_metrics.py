@@ -130,20 +130,40 @@ def test_chance_exact_matches_formula_and_monte_carlo() -> None:
         assert c[f"R@{k}"] == pytest.approx(total / trials, abs=0.02)
 
 
-def test_chance_monte_carlo_metrics() -> None:
+def test_chance_single_relevant_item_closed_forms() -> None:
     g = 50
     relevant = torch.zeros(200, g, dtype=torch.bool)
     relevant[:, 0] = True
     c = chance_metrics(relevant, trials=10, seed=0)
-    assert set(c) == set(retrieval_metrics(torch.rand(200, g), relevant))
+    assert list(c) == list(retrieval_metrics(torch.rand(200, g), relevant))  # same keys, same order
     # One relevant item: AP equals 1/rank, R-Precision equals R@1, rank is uniform on 1..G.
-    assert c["mAP"] == pytest.approx(c["MRR"], abs=0.01)
-    assert c["R-Precision"] == pytest.approx(1 / g, abs=0.01)
-    assert c["median_rank"] == pytest.approx((g + 1) / 2, abs=3)
+    assert c["mAP"] == pytest.approx(c["MRR"], rel=1e-12)
+    assert c["R-Precision"] == pytest.approx(1 / g, rel=1e-12)
     expected_ndcg = sum(1 / math.log2(k + 1) for k in range(1, 11)) / g
-    assert c["NDCG@10"] == pytest.approx(expected_ndcg, abs=0.01)
-    # Same seed, same Monte Carlo values.
+    assert c["NDCG@10"] == pytest.approx(expected_ndcg, rel=1e-12)
+    assert c["median_rank"] == pytest.approx((g + 1) / 2, abs=3)
+    # Same seed, same sampled median.
     assert chance_metrics(relevant, trials=10, seed=0) == c
+
+
+def test_chance_matches_brute_force_with_several_relevant_items() -> None:
+    g, counts = 30, [1, 2, 5, 12, 30]
+    generator = torch.Generator().manual_seed(0)
+    relevant = torch.zeros(len(counts) * 20, g, dtype=torch.bool)
+    for q in range(relevant.shape[0]):
+        relevant[q, torch.randperm(g, generator=generator)[: counts[q % len(counts)]]] = True
+    c = chance_metrics(relevant, trials=400, seed=0)
+    trials, brute = 1500, {}
+    for _ in range(trials):
+        scores = torch.rand(relevant.shape, generator=generator, dtype=torch.float64)
+        for name, value in retrieval_metrics(scores, relevant).items():
+            brute[name] = brute.get(name, 0.0) + value / trials
+    for name in ("R@1", "R@5", "R@10", "mAP", "NDCG@10", "R-Precision", "MRR"):
+        assert c[name] == pytest.approx(brute[name], abs=0.01), name
+    assert c["median_rank"] == pytest.approx(brute["median_rank"], abs=0.25)
+    # A query whose whole gallery is relevant scores 1 on everything.
+    full = chance_metrics(torch.ones(3, 4, dtype=torch.bool))
+    assert all(full[name] == pytest.approx(1.0) for name in ("R@1", "mAP", "NDCG@10", "R-Precision", "MRR"))
 
 
 def test_queries_without_relevant_item_raise() -> None:
