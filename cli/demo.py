@@ -60,6 +60,6 @@ def run_stage1(out: Path, root: Path = DEFAULT_ROOT, stage: str = "image_text", 
         report = build_cache(modality, records, cache_dir, num_workers=workers, device=pick_device("auto"))
         echo(f"  {report.summary()}" + (f" -> {rejects_path(cache_dir, name)}" if report.rejects else ""))
     echo(f"{step.format(i=3)} train stage {config.name} -> {model_dir}")
-    summary = run_stage(config, model_dir, resume=True, overwrite=True)
+    summary = run_stage(config, model_dir, resume=True, overwrite=True, restart_if_changed=True)
     echo(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")
     return summary

@@ -57,7 +57,7 @@ def demo_all(
         echo(f"== add {modality} (aligned to {anchor})")
         manifest = build()
         summary = add_modality(modality, model, manifest, anchor=anchor, cache_dir=cache_dir, workers=workers,
-                               log=echo)
+                               restart_if_changed=True, log=echo)
         echo(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")
         timings[modality] = time.time() - tic
     rows, json_path, png_path = write_results(model, out)

@@ -55,12 +55,16 @@ def add_modality_config(modality: str, manifest: str | Path, *, anchor: str | No
 
 def add_modality(modality: str, model_dir: str | Path, manifest: str | Path, *, anchor: str | None = None,
                  cache_dir: str | Path | None = None, stage: str | Path | None = None,
-                 overrides: dict[str, dict[str, Any]] | None = None, replace: bool = False, workers: int = 2,
-                 log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+                 overrides: dict[str, dict[str, Any]] | None = None, replace: bool = False,
+                 restart_if_changed: bool = False, workers: int = 2, log: Callable[[str], None] = print,
+                 progress: bool = True) -> dict[str, Any]:
     """Cache features, then train ``modality`` against the frozen ``anchor`` of ``model_dir``.
 
     Features are cached for the new modality, the anchor and every other modality the
     model holds whose inputs the manifest has (their test pairs are the emergent ones).
+
+    A rerun resumes the stage's run; if its settings or data changed since, that is an
+    error (``replace`` starts over), or with ``restart_if_changed`` it starts over.
 
     Returns:
         The stage summary: best epoch, timings and held-out test results in every direction.
@@ -77,4 +81,4 @@ def add_modality(modality: str, model_dir: str | Path, manifest: str | Path, *, 
                  if n != modality and any(r.get(info["record_key"]) for r in records)]
     for m in to_cache:
         log(build_cache(m, records, config.data.cache_dir, num_workers=workers, progress=progress).summary())
-    return run_stage(config, model_dir, replace=replace, progress=progress)
+    return run_stage(config, model_dir, replace=replace, restart_if_changed=restart_if_changed, progress=progress)

@@ -7,6 +7,7 @@ adapters; an add-modality stage trains one adapter and its token).
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,9 +203,45 @@ def _model_modalities(model_dir: Path, records: list[dict], exclude: set[str]) -
             if n not in exclude and any(r.get(info["record_key"]) for r in records)}
 
 
+RUN_SETTINGS = "settings.json"
+# Train settings that do not change what is learned.
+_UNLEARNED = ("device", "log_every", "eval_batch_size")
+
+
+def run_settings(config: StageConfig, records: list[dict], metas: dict[str, dict]) -> dict[str, Any]:
+    """What a run's result depends on: the stage settings, the data's content and the backbones."""
+    settings = config.to_dict()
+    settings.pop("source", None)
+    settings["data"] = {"records_sha256": manifest_hash(records)}  # the data, not where it lies
+    settings["train"] = {k: v for k, v in settings["train"].items() if k not in _UNLEARNED}
+    return json.loads(json.dumps({"stage": settings, "modalities": metas}))  # as stored: tuples become lists
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _changed_settings(run_dir: Path, settings: dict[str, Any]) -> str | None:
+    """None when the run in ``run_dir`` was made with ``settings``; else what differs."""
+    path = run_dir / RUN_SETTINGS
+    if not path.exists():
+        return "made by an older oneencoder, without its settings"
+    changed = _differences(json.loads(path.read_text()), settings)
+    if not changed:
+        return None
+    return f"made with other settings (changed: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})"
+
+
 def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True, overwrite: bool = False,
-              replace: bool = False, progress: bool = True) -> dict[str, Any]:
+              replace: bool = False, restart_if_changed: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train one stage and evaluate the best checkpoint on the test split.
+
+    A run resumes only if it was made with the same settings, data and backbones
+    (``runs/<stage>/settings.json``). Otherwise it is an error, or, with
+    ``restart_if_changed``, the stage starts over (what the demos do on rerun).
 
     Stage 1 trains the projection and both adapters. An add-modality stage (one
     trainable modality, ``projection`` not trainable) trains only that adapter and
@@ -229,7 +266,20 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     if anchor is not None:  # the anchor must be exactly the model's own modality (options, weights)
         modalities.update(_model_modalities(model_dir, records, set(config.trainable)))
         modalities = {n: modalities[n] for n in names}
+    metas = {n: modality_meta(m) for n, m in modalities.items()}
+    settings = run_settings(config, records, metas)
+    changed = _changed_settings(run_dir, settings) if resuming else None
+    if changed and not restart_if_changed:
+        flag = "--overwrite" if "projection" in config.trainable else "--replace"
+        raise OneEncoderError(f"{run_dir} holds a run of {config.name!r} {changed}, so it cannot be resumed; "
+                              f"pass {flag} to start it over")
+    if changed:
+        print(f"{config.name}: the run in {run_dir} was {changed}; starting it over")
+        shutil.rmtree(run_dir)
+        resuming, replace = False, True
     model = _prepare_model(config, model_dir, modalities, overwrite, resuming, replace)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / RUN_SETTINGS, settings)
     train = load_pair_split(records, "train", modalities, config.data.cache_dir, device)
     val = load_pair_split(records, "val", modalities, config.data.cache_dir, device)
     if len(train.ids) < 2 or len(val.ids) < 1:
@@ -265,7 +315,6 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
         callbacks.append(refresh_neighbours)
     a, b = names
     dedupe = {n: modalities[n].spec.dedupe_in_eval for n in names}
-    metas = {n: modality_meta(m) for n, m in modalities.items()}
     entry = {"name": config.name, "pair": names, "trainable": config.trainable,
              "data_hash": manifest_hash(records), "config": config.to_dict(),
              "n_train": len(train.ids), "n_val": len(val.ids)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 import oneencoder
 from oneencoder.cli.main import app
 from oneencoder.fileio import sha256_file, write_jsonl_atomic
+from oneencoder.progressive import add_modality
 
 runner = CliRunner()
 FROZEN_FILES = ("projection.safetensors", "adapters/image.safetensors", "adapters/text.safetensors")
@@ -76,6 +78,16 @@ def test_add_modality_leaves_earlier_parts_byte_identical(stage1_dir, sound_stam
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
     assert sha256_file(audio_file) == audio_sha
+    # Other settings never resume the old run (that would report a stale model as the new one).
+    changed = runner.invoke(app, [*args[:-4], "--epochs", "4", "--workers", "0"])
+    assert changed.exit_code == 2 and "changed: stage.train.epochs" in changed.output and "--replace" in changed.output
+    settings = model / "runs" / "add_audio" / "settings.json"
+    kept = settings.read_text()
+    settings.unlink()  # a run made before runs recorded their settings
+    legacy = runner.invoke(app, args)
+    assert legacy.exit_code == 2 and "older oneencoder" in legacy.output and "cannot be resumed" in legacy.output
+    settings.write_text(kept)
+    assert sha256_file(audio_file) == audio_sha
     # Without its run state (e.g. a copied model), retraining an existing modality needs --replace.
     shutil.rmtree(model / "runs" / "add_audio")
     refused = runner.invoke(app, args)
@@ -83,6 +95,12 @@ def test_add_modality_leaves_earlier_parts_byte_identical(stage1_dir, sound_stam
     replaced = runner.invoke(app, [*args, "--replace"])
     assert replaced.exit_code == 0, replaced.output
     assert sha256_file(audio_file) != audio_sha
+    assert {f: sha256_file(model / f) for f in FROZEN_FILES} == before
+    # The demos' rule: a changed stage starts over on rerun instead of failing.
+    summary = add_modality("audio", model, manifest, anchor="text", cache_dir=root / "cache", workers=0,
+                           overrides={"train": {"epochs": 4}}, restart_if_changed=True, progress=False)
+    assert summary["epochs_run"] == 4  # a fresh 4-epoch run, not the old 3-epoch one resumed
+    assert json.loads((model / "runs" / "add_audio" / "settings.json").read_text())["stage"]["train"]["epochs"] == 4
     assert {f: sha256_file(model / f) for f in FROZEN_FILES} == before
 
 

@@ -184,6 +184,11 @@ def test_train_command(small_manifest, small_cache, tmp_path: Path) -> None:
     again = invoke("train", "--stage", "image_text", "--model", model, "--manifest", small_manifest,
                    "--cache-dir", small_cache, "--epochs", 1, "--device", "cpu")
     assert again.exit_code == 0 and "resuming image_text" in again.output
+    # ...but not a run made with other settings: that needs --overwrite.
+    changed = invoke("train", "--stage", "image_text", "--model", model, "--manifest", small_manifest,
+                     "--cache-dir", small_cache, "--epochs", 2, "--device", "cpu")
+    _assert_user_error(changed)
+    assert "changed: stage.train.epochs" in changed.output and "--overwrite" in changed.output
 
 
 # ----- user errors -----------------------------------------------------------------------
