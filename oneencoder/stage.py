@@ -152,9 +152,11 @@ def _frozen_neighbours(train: PairSplit, k: int) -> torch.Tensor:
 
 
 def _remove_model_files(model_dir: Path) -> None:
+    """Everything of an old model, including the runs of stages that built on its projection."""
     (model_dir / META).unlink(missing_ok=True)
     (model_dir / "projection.safetensors").unlink(missing_ok=True)
     shutil.rmtree(model_dir / "adapters", ignore_errors=True)
+    shutil.rmtree(model_dir / "runs", ignore_errors=True)
 
 
 def _prepare_model(config: StageConfig, model_dir: Path, modalities: dict[str, Modality], overwrite: bool,

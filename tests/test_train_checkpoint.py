@@ -322,8 +322,13 @@ def test_overwriting_stage1_with_another_config_records_the_new_one(small_manife
     run_stage(make_config(small_manifest, small_cache, epochs=1, sections={"model": {"language_prior": 0.0}}),
               model_dir, progress=False)
     assert read_meta(model_dir)["embed_dim"] == read_meta(model_dir)["d_model"]
+    later_run = model_dir / "runs" / "add_audio"  # a stage that built on the old projection
+    later_run.mkdir(parents=True)
+    (later_run / "last.json").write_text("{}")
     run_stage(make_config(small_manifest, small_cache, epochs=1, sections={"model": {"language_prior": 0.5}}),
               model_dir, resume=False, overwrite=True, progress=False)
+    assert not later_run.exists()  # it would resume onto a projection it was not trained with
+    assert (model_dir / "runs" / "image_text" / "settings.json").is_file()
     meta = read_meta(model_dir)
     assert meta["projection"]["language_prior"] == 0.5
     assert meta["embed_dim"] == meta["d_model"] + 384
