@@ -210,11 +210,11 @@ RUN_SETTINGS = "settings.json"
 _UNLEARNED = ("device", "log_every", "eval_batch_size")
 
 
-def run_settings(config: StageConfig, records: list[dict], metas: dict[str, dict]) -> dict[str, Any]:
+def run_settings(config: StageConfig, data_hash: str, metas: dict[str, dict]) -> dict[str, Any]:
     """What a run's result depends on: the stage settings, the data's content and the backbones."""
     settings = config.to_dict()
     settings.pop("source", None)
-    settings["data"] = {"records_sha256": manifest_hash(records)}  # the data, not where it lies
+    settings["data"] = {"records_sha256": data_hash}  # the data, not where it lies
     settings["train"] = {k: v for k, v in settings["train"].items() if k not in _UNLEARNED}
     return json.loads(json.dumps({"stage": settings, "modalities": metas}))  # as stored: tuples become lists
 
@@ -269,7 +269,8 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
         modalities.update(_model_modalities(model_dir, records, set(config.trainable)))
         modalities = {n: modalities[n] for n in names}
     metas = {n: modality_meta(m) for n, m in modalities.items()}
-    settings = run_settings(config, records, metas)
+    data_hash = manifest_hash(records)
+    settings = run_settings(config, data_hash, metas)
     changed = _changed_settings(run_dir, settings) if resuming else None
     if changed and not restart_if_changed:
         flag = "--overwrite" if "projection" in config.trainable else "--replace"
@@ -318,7 +319,7 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     a, b = names
     dedupe = {n: modalities[n].spec.dedupe_in_eval for n in names}
     entry = {"name": config.name, "pair": names, "trainable": config.trainable,
-             "data_hash": manifest_hash(records), "config": config.to_dict(),
+             "data_hash": data_hash, "config": config.to_dict(),
              "n_train": len(train.ids), "n_val": len(val.ids)}
 
     # A frozen anchor is ranked in full: every validation sample it has, not only those
