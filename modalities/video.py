@@ -60,7 +60,7 @@ from torch import nn
 from oneencoder.backbones import require
 from oneencoder.errors import ConfigError, SampleError
 from oneencoder.modalities.image import ImageBackboneMixin
-from oneencoder.registry import Modality, ModalitySpec, create_modality, register_modality
+from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
 
 DEFAULT_FPS = 8.0  # frame rate assumed for bare frames (the pybullet clips' rate)
 _THUMB = 64  # side (px) at which motion energy is measured: cheap, and blind to codec noise
@@ -205,10 +205,9 @@ class VideoModality(ImageBackboneMixin, Modality):
     spec = ModalitySpec(
         name="video",
         backbone="timm:tf_efficientnet_lite0",
-        feature_dim=3328,  # (1280 visual + 384 label semantics) x 2 with motion features
-        max_tokens=9,  # 8 frames + the summary token
         preprocess_version="video-v1",
         record_key="video",
+        reads_files=True,
         default_anchor="text",
         extra_deps=("timm", "av"),
     )

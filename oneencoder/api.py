@@ -9,8 +9,8 @@ import torch
 
 from .checkpoint import load_model, modality_from_meta
 from .errors import OneEncoderError, SampleError
-from .registry import Modality
-from .train import pick_device
+from .modality import Modality
+from .runtime import pick_device
 
 
 class OneEncoder:
@@ -21,7 +21,7 @@ class OneEncoder:
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None = None) -> None:
         self.model_dir = Path(model_dir)
-        self.device = pick_device("auto") if device is None else torch.device(device)
+        self.device = pick_device("auto" if device is None else str(device))
         self.model, self.meta = load_model(self.model_dir)
         self.model.to(self.device).eval()
         self._modalities: dict[str, Modality] = {}
@@ -73,10 +73,10 @@ class OneEncoder:
             items = []
             for i, x in enumerate(inputs[start : start + batch_size], start):
                 try:
-                    items.append(m.preprocess(m.load(x)))
+                    items.append(m.prepare(x)[1])
                 except SampleError as e:
                     raise SampleError(f"{modality} input #{i}: {e}") from None
-            tokens, mask = m.encode(backbone, m.collate(items))
+            tokens, mask = m.featurize(backbone, items)
             out.append(self.encode_features(modality, tokens, mask))
         if not out:
             return torch.empty(0, self.model.embed_dim)

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import MissingDependencyError
+from .errors import ConfigError, MissingDependencyError
 
 
 def require(module: str, pip_name: str | None = None) -> object:
@@ -47,9 +47,24 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def torch_load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict without executing pickled code."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` (safetensors) or ``.pt/.pth/.bin`` (``weights_only``: no pickled code runs).
+
+    Raises:
+        ConfigError: naming the file, when it is neither format or holds no state dict.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling and header errors come in many types
+        raise ConfigError(f"{path}: cannot read weights ({type(e).__name__}: {e}); "
+                          "use a .safetensors file or a plain state dict saved with torch.save") from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
+    if not (isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values())):
+        raise ConfigError(f"{path}: holds no state dict of tensors")
     return obj

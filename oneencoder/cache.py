@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import CacheMismatchError, OneEncoderError, SampleError
 from .fileio import write_jsonl_atomic
-from .registry import Modality
+from .modality import Modality
 
 _FINGERPRINT = b"__fingerprint__"
 _MAP_SIZE = 1 << 36  # sparse on Linux; grows only as written
@@ -81,11 +81,21 @@ class FeatureCache:
 
     def put_many(self, items: list[tuple[str, torch.Tensor, dict[str, float]]]) -> None:
         """Write a batch of ``(id, tokens [n, D], measurements)`` in one transaction (resume point)."""
+        for sid, tokens, _ in items:  # refused before anything is written: no mixed shapes, ever
+            self._check_shape(sid, tokens)
         with self.env.begin(write=True) as txn:
             for sid, tokens, measures in items:
                 arr = tokens.detach().to(torch.float16).cpu().numpy()
                 txn.put(b"f/" + sid.encode(), struct.pack("<I", arr.shape[0]) + arr.tobytes())
                 txn.put(b"m/" + sid.encode(), json.dumps(measures).encode())
+
+    def _check_shape(self, sid: str, tokens: torch.Tensor) -> None:
+        limit = int(self.fingerprint.get("max_tokens", 0)) or None
+        if tokens.ndim != 2 or tokens.shape[1] != self.dim or (limit and tokens.shape[0] > limit):
+            raise CacheMismatchError(
+                f"sample {sid!r}: the backbone gave features of shape {tuple(tokens.shape)}, but the cache "
+                f"{self.path} is for at most {limit} tokens of width {self.dim} (its fingerprint); the modality's "
+                "feature_dim/max_tokens disagree with its backbone")
 
     def get(self, sid: str) -> torch.Tensor:
         with self.env.begin() as txn:
@@ -142,8 +152,8 @@ class _SampleDataset(Dataset):
         try:
             if rec.get(self.key) in (None, ""):
                 raise SampleError(f"no {self.key!r} field" if self.key not in rec else f"empty {self.key!r}")
-            raw = self.modality.load(rec[self.key])
-            return rec["id"], raw, self.modality.preprocess(raw), None
+            raw, item = self.modality.prepare(rec[self.key])
+            return rec["id"], raw, item, None
         except SampleError as e:
             return rec["id"], None, None, str(e)
         except Exception as e:  # any decoder failure is this sample's problem, not the job's
@@ -204,7 +214,7 @@ def build_cache(
                     if reason is not None:
                         report.rejects[sid] = reason
                 if good:
-                    tokens, mask = modality.encode(backbone, modality.collate([it[2] for it in good]))
+                    tokens, mask = modality.featurize(backbone, [it[2] for it in good])
                     rows = []
                     for (sid, raw, _, _), tok, m in zip(good, tokens, mask):
                         valid = tok[m]

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ChecksumError, OneEncoderError
 from .fileio import atomic_path, sha256_file, write_json_atomic
-from .model import AdapterConfig, OneEncoderModel, ProjectionConfig
-from .registry import Modality, create_modality
+from .model import AdapterConfig, OneEncoderModel, ProjectionConfig, build_model
+from .modality import Modality, modality_class_for, provenance
 
 FORMAT_VERSION = 1
 META = "oneencoder.json"
@@ -120,28 +120,30 @@ def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu") 
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     verify_files(model_dir, meta)
-    model = OneEncoderModel(ProjectionConfig(**meta["projection"]))
+    infos = meta["modalities"]
+    model = build_model(ProjectionConfig(**meta["projection"]), infos,
+                        {n: AdapterConfig(**info["adapter"]) for n, info in infos.items()})
     model.projection.load_state_dict(load_file(str(model_dir / PROJECTION), device=str(map_location)))
-    for name, info in meta["modalities"].items():
-        adapter = model.add_modality(name, info["feature_dim"], info["max_tokens"], AdapterConfig(**info["adapter"]),
-                                     info.get("language_slice"))
-        adapter.load_state_dict(load_file(str(model_dir / adapter_file(name)), device=str(map_location)))
+    for name in infos:
+        model.adapters[name].load_state_dict(load_file(str(model_dir / adapter_file(name)), device=str(map_location)))
     return model.eval(), meta
 
 
 def modality_meta(modality: Modality) -> dict[str, Any]:
-    """What ``oneencoder.json`` records about a modality (enough to rebuild it)."""
+    """What ``oneencoder.json`` records about a modality: enough to rebuild it in a fresh process,
+    including the class that defines it and the distribution that installed that class."""
     fp = modality.fingerprint()
     return {"backbone": fp["backbone"], "weights_sha256": fp["weights_sha256"], "feature_dim": fp["feature_dim"],
             "max_tokens": fp["max_tokens"], "preprocess_version": fp["preprocess_version"],
-            "record_key": modality.spec.record_key, "options": fp["options"],
-            "language_slice": modality.language_slice()}
+            "record_key": modality.spec.record_key, "metric_style": modality.spec.metric_style,
+            "options": fp["options"], "language_slice": modality.language_slice(), **provenance(modality)}
 
 
-def modality_from_meta(name: str, info: dict[str, Any]) -> Modality:
-    """Recreate a model's modality and check its installed backbone is the one it was trained on."""
-    modality = create_modality(name, **info["options"])
-    if modality.weights_sha256() != info["weights_sha256"]:
+def modality_from_meta(name: str, info: dict[str, Any], check_weights: bool = True) -> Modality:
+    """Recreate a model's modality (importing the module recorded for it if need be) and check
+    that its installed backbone is the one it was trained on."""
+    modality = modality_class_for(name, info)(**info["options"])
+    if check_weights and modality.weights_sha256() != info["weights_sha256"]:
         raise ChecksumError(f"the installed {name} backbone ({modality.backbone_id}) has other weights than the "
                             "ones this model was trained with; reinstall the version recorded in oneencoder.json")
     return modality

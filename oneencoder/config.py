@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 from .model import AdapterConfig, ProjectionConfig
+from .registry import import_plugins
 
 T = TypeVar("T")
 
@@ -79,6 +80,7 @@ class StageConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    plugins: list[str] = field(default_factory=list)
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,9 +147,13 @@ def parse_stage(raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
     pair = stage["modalities"]
     if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) for m in pair)):
         raise ConfigError(f"{source}: [stage] modalities must list two modality names, got {pair!r}")
-    extra = set(stage) - {"name", "modalities", "trainable", "description"}
+    extra = set(stage) - {"name", "modalities", "trainable", "description", "plugins"}
     if extra:
         raise ConfigError(f"{source}: [stage] unknown option(s) {sorted(extra)}")
+    plugins = stage.get("plugins", [])
+    if not (isinstance(plugins, list) and all(isinstance(p, str) for p in plugins)):
+        raise ConfigError(f"{source}: [stage] plugins must be a list of module names, got {plugins!r}")
+    import_plugins(plugins, f"{source}: [stage] plugins")
     trainable = stage["trainable"]
     if not (isinstance(trainable, list) and trainable and all(isinstance(t, str) for t in trainable)):
         raise ConfigError(f"{source}: [stage] trainable must be a list of names, got {trainable!r}")
@@ -172,6 +178,7 @@ def parse_stage(raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
         loss=_section(LossConfig, raw.get("loss", {}), f"{source} [loss]"),
         train=_section(TrainConfig, raw.get("train", {}), f"{source} [train]"),
         curriculum=_section(CurriculumConfig, raw.get("curriculum", {}), f"{source} [curriculum]"),
+        plugins=list(plugins),
         source=source,
     )
     _check_values(config, source)

@@ -13,7 +13,7 @@ from .cache import FeatureCache, cache_dir_for
 from .errors import OneEncoderError
 from .metrics import chance_metrics, retrieval_metrics
 from .model import OneEncoderModel
-from .registry import Modality
+from .modality import Modality
 
 
 @torch.no_grad()

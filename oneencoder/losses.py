@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any, Callable, TypeVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .registry import Registry
 
 
 def same_group_mask(groups: torch.Tensor | None) -> torch.Tensor | None:
@@ -34,6 +34,8 @@ class ContrastiveLoss(nn.Module):
         max_logit_scale: Upper clamp of ``1/temperature`` (CLIP uses 100).
         learn_temperature: If False, the temperature stays fixed.
     """
+
+    name: ClassVar[str] = "infonce"
 
     def __init__(self, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
                  learn_temperature: bool = True) -> None:
@@ -90,6 +92,8 @@ class HardNegativeLoss(ContrastiveLoss):
         **kwargs: ``ContrastiveLoss`` options (temperature).
     """
 
+    name: ClassVar[str] = "hnnce"
+
     def __init__(self, beta: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if beta < 0:
@@ -127,6 +131,8 @@ class MarginLoss(ContrastiveLoss):
         **kwargs: ``ContrastiveLoss`` options (temperature).
     """
 
+    name: ClassVar[str] = "margin"
+
     def __init__(self, margin: float = 0.1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.margin = float(margin)
@@ -144,30 +150,15 @@ class MarginLoss(ContrastiveLoss):
 
 # ----- registry -------------------------------------------------------------------------
 
-L = TypeVar("L", bound=type[ContrastiveLoss])
-_LOSSES: dict[str, type[ContrastiveLoss]] = {}
-
-
-def register_loss(name: str) -> Callable[[L], L]:
-    """Class decorator: make a loss available to ``create_loss`` under ``name``."""
-
-    def wrap(cls: L) -> L:
-        if name in _LOSSES and _LOSSES[name] is not cls:
-            raise ValueError(f"loss {name!r} is already registered by {_LOSSES[name].__qualname__}")
-        _LOSSES[name] = cls
-        return cls
-
-    return wrap
-
-
-register_loss("infonce")(ContrastiveLoss)
-register_loss("hnnce")(HardNegativeLoss)
-register_loss("margin")(MarginLoss)
+LOSSES: Registry[ContrastiveLoss] = Registry("loss")
+register_loss = LOSSES.register
+for _cls in (ContrastiveLoss, HardNegativeLoss, MarginLoss):
+    register_loss(_cls)
 
 
 def list_losses() -> list[str]:
     """Names of every registered loss."""
-    return sorted(_LOSSES)
+    return LOSSES.names()
 
 
 def create_loss(name: str, **options: Any) -> ContrastiveLoss:
@@ -176,13 +167,4 @@ def create_loss(name: str, **options: Any) -> ContrastiveLoss:
     Example:
         >>> loss = create_loss("hnnce", beta=0.5, init_temperature=0.07)
     """
-    try:
-        cls = _LOSSES[name]
-    except KeyError:
-        raise ConfigError(f"unknown loss {name!r}; registered: {', '.join(list_losses())}") from None
-    known = {p for klass in cls.__mro__ if klass is not nn.Module and "__init__" in vars(klass)
-             for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
-    unknown = set(options) - known
-    if unknown:
-        raise ConfigError(f"loss {name!r}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**options)
+    return LOSSES.create(name, **options)

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import ConfigError
 
 
 @dataclass
@@ -27,7 +29,9 @@ class ProjectionConfig:
     # original features): embedding = [sqrt(1-w) * learned, sqrt(w) * frozen sentence-space vector].
     # Modalities without such a vector contribute zeros there, so their rankings use the learned part.
     language_prior: float = 0.0
-    language_dim: int = 384
+    # Width of that frozen vector: 0 = read from the modalities' language slices (the text
+    # backbone's sentence width); set by hand only to insist on a width.
+    language_dim: int = 0
 
 
 @dataclass
@@ -134,6 +138,12 @@ class OneEncoderModel(nn.Module):
         cfg = self.projection_config
         return cfg.d_model + (cfg.language_dim if cfg.language_prior > 0 else 0)
 
+    def add_adapter(self, name: str, facts: dict, config: AdapterConfig) -> Adapter:
+        """Add a modality's adapter from its recorded facts (``feature_dim``, ``max_tokens``,
+        ``language_slice``), as ``oneencoder.json`` and ``modality_meta`` hold them."""
+        return self.add_modality(name, int(facts["feature_dim"]), int(facts["max_tokens"]), config,
+                                 facts.get("language_slice"))
+
     def add_modality(self, name: str, feature_dim: int, max_tokens: int, config: AdapterConfig | None = None,
                      language_slice: tuple[int, int] | None = None) -> Adapter:
         """Add a modality's adapter. ``language_slice``: dims of its first token that already
@@ -141,9 +151,11 @@ class OneEncoderModel(nn.Module):
         config = config or AdapterConfig()
         if language_slice is not None:
             language_slice = (int(language_slice[0]), int(language_slice[1]))
-            if language_slice[1] - language_slice[0] != self.projection_config.language_dim:
-                raise ValueError(f"{name}: language slice {language_slice} is not "
-                                 f"{self.projection_config.language_dim} wide")
+            width = language_slice[1] - language_slice[0]
+            if self.projection_config.language_prior > 0 and width != self.projection_config.language_dim:
+                raise ConfigError(f"modality {name!r}: its language slice is {width} "
+                                  f"wide, but the model's language space is {self.projection_config.language_dim} "
+                                  "wide (a different text backbone?)")
         self.language_slices[name] = language_slice
         self.adapters[name] = Adapter(feature_dim, self.projection_config.d_model, max_tokens, config)
         if config.language_head and language_slice is None and self.projection_config.language_prior > 0:
@@ -190,3 +202,38 @@ class OneEncoderModel(nn.Module):
         return {"projection": asdict(self.projection_config),
                 "adapters": {k: asdict(v) for k, v in self.adapter_configs.items()}}
 
+
+
+def language_width(facts: dict[str, dict]) -> int:
+    """Width of the language space the modalities' frozen slices share (0 if none has one).
+
+    Raises:
+        ConfigError: Two modalities bring slices of different widths.
+    """
+    widths = {n: f["language_slice"][1] - f["language_slice"][0] for n, f in facts.items() if f.get("language_slice")}
+    if len(set(widths.values())) > 1:
+        raise ConfigError(f"the modalities' language slices differ in width ({widths}); their sentence-space "
+                          "parts must come from one text backbone")
+    return next(iter(widths.values()), 0)
+
+
+def build_model(projection: ProjectionConfig, facts: dict[str, dict], adapters: dict[str, AdapterConfig]) -> OneEncoderModel:
+    """A model with one adapter per modality, the language width read from the modalities.
+
+    The one factory behind a new Stage 1, ``load_model`` and the benchmarks.
+
+    Args:
+        projection: Universal Projection shape (``language_dim`` 0 = from the modalities).
+        facts: Modality -> ``feature_dim``, ``max_tokens``, ``language_slice``.
+        adapters: Modality -> adapter shape.
+    """
+    width = language_width(facts)
+    if projection.language_prior > 0 and width:
+        if projection.language_dim not in (0, width):
+            raise ConfigError(f"[model] language_dim = {projection.language_dim}, but the modalities' language "
+                              f"slices are {width} wide; leave language_dim out to take it from the backbones")
+        projection = replace(projection, language_dim=width)
+    model = OneEncoderModel(projection)
+    for name, f in facts.items():
+        model.add_adapter(name, f, adapters[name])
+    return model

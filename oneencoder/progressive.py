@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .cache import build_cache
-from .checkpoint import modality_from_meta, read_meta
+from .checkpoint import read_meta
 from .config import StageConfig, parse_stage, resolve_stage_path
 from .errors import ConfigError
 from .manifest import read_manifest
-from .registry import create_modality, get_modality_class
+from .modality import get_modality_class
+from .pairs import model_modalities, stage_modalities
+from .registry import import_plugins
 from .stage import run_stage
 
 
@@ -30,11 +32,18 @@ def _stage_raw(modality: str, stage: str | Path | None) -> tuple[dict, str]:
     except ConfigError:
         if stage:
             raise
-        return {"stage": {"name": f"add_{modality}", "modalities": [modality, "text"], "trainable": [modality]}}, "<default>"
+        return {"stage": {"name": f"add_{modality}"}}, "<default>"
     try:
         return tomllib.loads(path.read_text(encoding="utf-8")), str(path)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
+
+
+def _default_anchor(modality: str) -> str:
+    anchor = get_modality_class(modality).spec.default_anchor
+    if not anchor:
+        raise ConfigError(f"modality {modality!r} names no default_anchor in its spec; pass --anchor")
+    return anchor
 
 
 def add_modality_config(modality: str, manifest: str | Path, *, anchor: str | None = None,
@@ -43,7 +52,10 @@ def add_modality_config(modality: str, manifest: str | Path, *, anchor: str | No
     """The stage config of an add-modality run: ``stages/<modality>.toml`` (if shipped) with the
     pair set to ``(modality, anchor)``, only ``modality`` trainable, and the given data."""
     raw, source = _stage_raw(modality, stage)
-    anchor = anchor or get_modality_class(modality).spec.default_anchor or "text"
+    plugins = raw.get("stage", {}).get("plugins", [])
+    if isinstance(plugins, list):  # they may define the modality itself (parse_stage checks the type)
+        import_plugins([p for p in plugins if isinstance(p, str)], f"{source}: [stage] plugins")
+    anchor = anchor or _default_anchor(modality)
     raw.setdefault("stage", {}).update({"modalities": [modality, anchor], "trainable": [modality]})
     manifest = Path(manifest)
     raw["data"] = {"manifest": str(manifest), "cache_dir": str(cache_dir or manifest.parent / "cache")}
@@ -76,9 +88,8 @@ def add_modality(modality: str, model_dir: str | Path, manifest: str | Path, *, 
     if anchor not in meta["modalities"]:
         raise ConfigError(f"--anchor {anchor}: the model holds {', '.join(meta['modalities'])}")
     records = read_manifest(config.data.manifest)
-    to_cache = [create_modality(modality, **config.modality_options.get(modality, {}))]
-    to_cache += [modality_from_meta(n, info) for n, info in meta["modalities"].items()
-                 if n != modality and any(r.get(info["record_key"]) for r in records)]
+    to_cache = [stage_modalities(config, model_dir)[modality]]
+    to_cache += list(model_modalities(model_dir, records, {modality}).values())
     for m in to_cache:
         log(build_cache(m, records, config.data.cache_dir, num_workers=workers, progress=progress).summary())
     return run_stage(config, model_dir, replace=replace, restart_if_changed=restart_if_changed, progress=progress)

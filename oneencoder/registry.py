@@ -1,172 +1,194 @@
-"""The one interface a modality implements, and the registry that finds it.
+"""One registry for every pluggable kind: modalities, losses, pacers and difficulty scorers.
 
-A modality owns everything upstream of the feature cache: reading a sample,
-preprocessing it, running its frozen backbone. Everything trainable is core
-and keyed by the modality's name.
+A registry maps names to classes, filled by a class decorator (as timm registers
+models) and, for kinds that plugins extend, by the entry points of installed
+distributions. ``create`` checks the options against what the class accepts, by
+name and by type, so a typo in a stage file is one clear line, never a default.
 
 Example:
-    >>> @register_modality
-    ... class Text(Modality):
-    ...     spec = ModalitySpec(name="text", ...)
-    >>> text = create_modality("text", max_tokens=32)
+    >>> LOSSES = Registry("loss")
+    >>> @LOSSES.register
+    ... class InfoNCE(nn.Module):
+    ...     name = "infonce"
+    ...     def __init__(self, init_temperature: float = 0.07): ...
+    >>> LOSSES.create("infonce", init_temperature=0.05)
 """
 
 from __future__ import annotations
 
 import importlib
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
+import inspect
+from importlib import metadata
+from typing import Any, Callable, Generic, TypeVar
 
-import torch
-from torch import nn
+from .errors import ConfigError, MissingDependencyError
 
-from .errors import ConfigError
-
-# Modules under oneencoder.modalities that register the built-in modalities.
-_BUILTIN_MODULES = ("text", "image", "audio", "molecule", "depth", "video")
+T = TypeVar("T")
+C = TypeVar("C", bound=type)
 
 
-@dataclass(frozen=True)
-class ModalitySpec:
-    """Static facts about a modality and its default frozen backbone.
+def _same_kind(default: Any, value: Any) -> bool:
+    """Whether ``value`` may replace ``default`` (TOML gives lists for tuples, ints for floats)."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
 
-    Attributes:
-        name: Registry key, also the key of its adapter and token.
-        backbone: Default backbone id, e.g. ``"timm:tf_efficientnet_lite0"``.
-        feature_dim: Width of each backbone token.
-        max_tokens: Most tokens one sample can produce.
-        preprocess_version: Bumped whenever preprocessing changes cached features.
-        record_key: Manifest field that holds this modality's input.
-        default_anchor: Modality it aligns to when added progressively.
-        dedupe_in_eval: Identical inputs (same group) count once in retrieval.
-        extra_deps: Packages beyond the core set, for the install hint.
+
+def check_options(where: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated by ``given``; an unknown name or a value of the wrong type is a ``ConfigError``."""
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    for key, value in given.items():
+        if not _same_kind(defaults[key], value):
+            raise ConfigError(f"{where}: option {key} = {value!r} should be a {type(defaults[key]).__name__} "
+                              f"(like its default {defaults[key]!r})")
+    return {**defaults, **given}
+
+
+def signature_defaults(cls: type) -> dict[str, Any]:
+    """Keyword options of ``cls`` with their defaults, from its ``__init__`` and its bases'."""
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = vars(klass).get("__init__")
+        if init is None or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                out[p.name] = None if p.default is p.empty else p.default
+    return out
+
+
+def class_path(cls: type) -> str:
+    """``"module:Qualname"``, the form entry points and model directories use."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_class(path: str) -> type:
+    """The class named by ``"module:Qualname"``; ``ModuleNotFoundError`` propagates."""
+    module_name, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def import_plugins(modules: list[str] | tuple[str, ...], where: str = "--plugin") -> None:
+    """Import plugin modules so their decorators register what they define."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                raise MissingDependencyError(
+                    f"{where} {name}: no module named {e.name!r} here; install the package that provides it "
+                    "(pip install -e <its folder>) or put its folder on PYTHONPATH") from None
+            raise
+
+
+def distribution_of(module: str) -> tuple[str, str] | None:
+    """``(distribution name, version)`` that installed ``module``'s top-level package, if any."""
+    top = module.split(".")[0]
+    for dist in metadata.packages_distributions().get(top, []):
+        try:
+            return dist, metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+class Registry(Generic[T]):
+    """Names to classes, for one kind of pluggable part.
+
+    Args:
+        kind: What the registry holds, for messages ("modality", "loss"...).
+        key: Reads a class's registry name (default: its ``name`` attribute).
+        entry_points: Entry-point group whose ``name = "module:Class"`` entries are loaded
+            on demand (installed plugins, and the built-ins declared in pyproject.toml).
+        check: Called with each class at registration, to reject malformed ones early.
     """
 
-    name: str
-    backbone: str
-    feature_dim: int
-    max_tokens: int
-    preprocess_version: str
-    record_key: str
-    default_anchor: str | None = None
-    dedupe_in_eval: bool = False
-    extra_deps: tuple[str, ...] = field(default_factory=tuple)
+    def __init__(self, kind: str, key: Callable[[type], str] = lambda cls: cls.name,
+                 entry_points: str | None = None, check: Callable[[type], None] | None = None) -> None:
+        self.kind = kind
+        self._key = key
+        self._group = entry_points
+        self._check = check
+        self._classes: dict[str, type[T]] = {}
+        self._entry_points_loaded = False
 
+    def register(self, cls: C) -> C:
+        """Class decorator: make ``cls`` available under its name."""
+        name = self._key(cls)
+        if not name:
+            raise ValueError(f"{cls.__qualname__} needs a non-empty name to be registered as a {self.kind}")
+        if self._check is not None:
+            self._check(cls)
+        old = self._classes.get(name)
+        # The same class seen twice (a module imported under two names) is no conflict.
+        if old is not None and class_path(old) != class_path(cls):
+            raise ValueError(f"{self.kind} {name!r} is already registered by {class_path(old)}")
+        self._classes[name] = cls
+        return cls
 
-class Modality(ABC):
-    """Base class for a modality. Subclasses set ``spec`` and implement the hooks.
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (tests and interactive sessions that register throwaway classes)."""
+        self._classes.pop(name, None)
 
-    Options from the stage file (``[modalities.<name>]``) arrive as keyword
-    arguments; unknown options are a ``ConfigError``.
-    """
+    def _entry_points(self) -> list[metadata.EntryPoint]:
+        return list(metadata.entry_points(group=self._group)) if self._group else []
 
-    spec: ModalitySpec
-    #: Options a stage file may set, with their defaults.
-    default_options: dict[str, Any] = {}
+    def _load_entry_point(self, ep: metadata.EntryPoint) -> None:
+        try:
+            cls = ep.load()
+        except ImportError as e:
+            raise MissingDependencyError(f"{self.kind} {ep.name!r} ({ep.value}, entry point of "
+                                         f"{ep.dist.name if ep.dist else 'an installed package'}) "
+                                         f"cannot be imported: {e}") from None
+        if self._key(cls) not in self._classes:
+            self.register(cls)
 
-    def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.default_options)
-        if unknown:
-            raise ConfigError(
-                f"[modalities.{self.spec.name}] unknown option(s) {sorted(unknown)}; "
-                f"known: {sorted(self.default_options)}"
-            )
-        self.options = {**self.default_options, **options}
+    def _load_all(self) -> None:
+        if not self._entry_points_loaded:
+            self._entry_points_loaded = True
+            for ep in self._entry_points():
+                if ep.name not in self._classes:
+                    self._load_entry_point(ep)
 
-    # ----- identity -------------------------------------------------------
-    @property
-    def backbone_id(self) -> str:
-        return str(self.options.get("backbone") or self.spec.backbone)
+    def names(self) -> list[str]:
+        """Every registered name, installed plugins included."""
+        self._load_all()
+        return sorted(self._classes)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.spec.feature_dim
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
 
-    @property
-    def max_tokens(self) -> int:
-        return self.spec.max_tokens
+    def get(self, name: str) -> type[T]:
+        """The class registered as ``name``; a ``ConfigError`` listing the known names if none is."""
+        if name not in self._classes:
+            for ep in self._entry_points():
+                if ep.name == name:
+                    self._load_entry_point(ep)
+        if name not in self._classes:
+            raise ConfigError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}"
+                              + (" (a plugin's must be installed, or imported with --plugin MODULE)"
+                                 if self._group else ""))
+        return self._classes[name]
 
-    @abstractmethod
-    def weights_sha256(self) -> str:
-        """Checksum of the backbone weights, part of the cache fingerprint."""
+    def options(self, name: str) -> dict[str, Any]:
+        """Options ``name`` accepts, with their defaults."""
+        cls = self.get(name)
+        defaults = getattr(cls, "default_options", None)
+        return dict(defaults) if isinstance(defaults, dict) else signature_defaults(cls)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """Everything that changes cached features. Caches with another value are refused."""
-        return {
-            "modality": self.spec.name,
-            "backbone": self.backbone_id,
-            "weights_sha256": self.weights_sha256(),
-            "preprocess_version": self.spec.preprocess_version,
-            "feature_dim": self.feature_dim,
-            "max_tokens": self.max_tokens,
-            "options": {k: v for k, v in sorted(self.options.items())},
-        }
-
-    # ----- hooks ------------------------------------------------------------
-    @abstractmethod
-    def load_backbone(self) -> nn.Module:
-        """Return the frozen backbone in eval mode with ``requires_grad`` off."""
-
-    @abstractmethod
-    def load(self, source: Any) -> Any:
-        """Read one raw input (a path, a string, a PIL image...). Raises ``SampleError``."""
-
-    @abstractmethod
-    def preprocess(self, raw: Any) -> Any:
-        """Turn a raw input into what ``collate`` stacks. Raises ``SampleError``."""
-
-    def collate(self, items: list[Any]) -> Any:
-        """Stack preprocessed items into a batch (default: ``torch.stack``)."""
-        return torch.stack(items)
-
-    @abstractmethod
-    def encode(self, backbone: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return token features ``[B, T, D]`` and a bool mask ``[B, T]`` (True = real token)."""
-
-    def language_slice(self) -> tuple[int, int] | None:
-        """Dims of the first token that already live in the frozen text backbone's sentence
-        space (e.g. a pooled sentence embedding), or None. Enables ``[model] language_prior``."""
-        return None
-
-    def difficulty(self, raw: Any, tokens: torch.Tensor) -> dict[str, float]:
-        """Per-sample measurements for curriculum scorers (override per modality)."""
-        return {}
-
-
-_REGISTRY: dict[str, type[Modality]] = {}
-
-
-def register_modality(cls: type[Modality]) -> type[Modality]:
-    """Class decorator: make a modality available to ``create_modality``."""
-    name = cls.spec.name
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"modality {name!r} is already registered by {_REGISTRY[name].__module__}")
-    _REGISTRY[name] = cls
-    return cls
-
-
-def _import_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(f"oneencoder.modalities.{mod}")
-
-
-def list_modalities() -> list[str]:
-    """Names of every registered modality."""
-    _import_builtins()
-    return sorted(_REGISTRY)
-
-
-def get_modality_class(name: str) -> type[Modality]:
-    _import_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown modality {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
-
-
-def create_modality(name: str, **options: Any) -> Modality:
-    """Instantiate a registered modality with stage-file options."""
-    return get_modality_class(name)(**options)
-
-
+    def create(self, name: str, **options: Any) -> T:
+        """An instance of ``name``; unknown options or values of the wrong type raise ``ConfigError``."""
+        cls = self.get(name)
+        check_options(f"{self.kind} {name!r}", self.options(name), options)
+        return cls(**options)

@@ -12,31 +12,35 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import read_meta
+from .datasets import HELDOUT_LABELS
+from .modality import MODALITIES
 from .fileio import write_json_atomic
 
-# Molecules are reported the Text2Mol way (MRR, Hits@1, Hits@10); Hits@K is R@K.
-_RANKING_MODALITIES = {"molecule"}
-# What each held-out subset means (values of a test record's ``heldout`` field), in report order.
-SUBSET_LABELS = {
-    "all": "test split",
-    "pose": "new poses of seen objects",
-    "object": "unseen objects",
-    "seen_combo": "new clips of seen action-object combos",
-    "combo": "unseen action-object combos",
-}
+# What each held-out subset means: the ``heldout`` values the shipped data builders write.
+SUBSET_LABELS = HELDOUT_LABELS
 
 
 def _subset_order(subset: str) -> int:
     return list(SUBSET_LABELS).index(subset) if subset in SUBSET_LABELS else len(SUBSET_LABELS)
 
 
-def _row(stage: str, pair: list[str], direction: str, subset: str, result: dict) -> dict[str, Any]:
+def _metric_style(name: str, modalities: dict[str, dict]) -> str:
+    """``ranking`` for modalities reported as MRR/Hits@K (recorded by their spec), else ``recall``."""
+    recorded = modalities.get(name, {}).get("metric_style")
+    if recorded is None and name in MODALITIES:  # a model saved before the style was recorded
+        recorded = MODALITIES.get(name).spec.metric_style
+    return recorded or "recall"
+
+
+def _row(stage: str, pair: list[str], direction: str, subset: str, result: dict,
+         modalities: dict[str, dict]) -> dict[str, Any]:
     a, b = direction.split("→")
     m, c = result["metrics"], result["chance"]
+    ranking = any(_metric_style(n, modalities) == "ranking" for n in (a, b))
     return {
         "stage": stage, "direction": direction, "subset": subset,
         "kind": "trained" if {a, b} == set(pair) else "emergent",
-        "metric_style": "ranking" if {a, b} & _RANKING_MODALITIES else "recall",
+        "metric_style": "ranking" if ranking else "recall",
         "R@1": m["R@1"], "R@10": m["R@10"], "MRR": m["MRR"],
         "chance_R@1": c["R@1"], "chance_R@10": c["R@10"], "chance_MRR": c["MRR"],
         "R@1_over_chance": m["R@1"] / c["R@1"] if c["R@1"] > 0 else float("inf"),
@@ -54,7 +58,8 @@ def model_results(model_dir: str | Path) -> list[dict[str, Any]]:
     """
     model_dir = Path(model_dir)
     rows = []
-    for entry in read_meta(model_dir)["stages"]:
+    meta = read_meta(model_dir)
+    for entry in meta["stages"]:
         path = model_dir / "runs" / entry["name"] / "test.json"
         if not path.is_file():
             continue
@@ -72,7 +77,7 @@ def model_results(model_dir: str | Path) -> list[dict[str, Any]]:
         for subset, directions in parts:
             for direction, result in directions.items():
                 if wanted(set(direction.split("→"))):
-                    rows.append(_row(entry["name"], pair, direction, subset, result))
+                    rows.append(_row(entry["name"], pair, direction, subset, result, meta["modalities"]))
     return rows
 
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -26,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .fileio import append_jsonl, atomic_path, write_json_atomic
+from .runtime import pick_device
 
 
 class BatchSampler(Protocol):
@@ -38,23 +36,6 @@ class BatchSampler(Protocol):
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` prefers cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:

@@ -35,7 +35,7 @@ from oneencoder.cache import build_cache  # noqa: E402
 from oneencoder.config import StageConfig, parse_stage  # noqa: E402
 from oneencoder.datasets.tuxpaint import tuxpaint_records  # noqa: E402
 from oneencoder.fileio import write_jsonl_atomic  # noqa: E402
-from oneencoder.registry import Modality, create_modality  # noqa: E402
+from oneencoder.modality import Modality, create_modality  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_FILE = REPO / "stages" / "image_text.toml"

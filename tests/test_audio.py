@@ -10,7 +10,7 @@ import torch
 
 from oneencoder.errors import SampleError
 from oneencoder.modalities import audio as audio_mod
-from oneencoder.registry import create_modality
+from oneencoder.modality import create_modality
 
 ANIMALS = Path("/usr/share/tuxpaint/stamps/animals")
 FROG = ANIMALS / "amphibians" / "frog.ogg"  # ~1.5 s: one window

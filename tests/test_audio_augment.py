@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from oneencoder.datasets.audio_augment import augment_records
-from oneencoder.registry import create_modality
+from oneencoder.modality import create_modality
 
 
 @pytest.fixture(scope="module")

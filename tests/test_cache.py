@@ -17,7 +17,7 @@ from oneencoder.bank import FeatureBank
 from oneencoder.cache import FeatureCache, build_cache, cache_dir_for, rejects_path
 from oneencoder.errors import CacheMismatchError, OneEncoderError
 from oneencoder.modalities.text import Text
-from oneencoder.registry import create_modality
+from oneencoder.modality import create_modality
 
 
 def _raw(cache: FeatureCache, sid: str) -> bytes | None:

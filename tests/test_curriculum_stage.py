@@ -12,7 +12,8 @@ from oneencoder.cli.main import app
 from oneencoder.curriculum.difficulty import DifficultyTable, difficulty_path
 from oneencoder.curriculum.scorers import list_scorers
 from oneencoder.manifest import read_manifest
-from oneencoder.stage import run_stage, stage_difficulty
+from oneencoder.pairs import stage_difficulty
+from oneencoder.stage import run_stage
 
 runner = CliRunner()
 

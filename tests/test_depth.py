@@ -20,7 +20,7 @@ from oneencoder.modalities.depth import ENCODINGS, DepthMap
 pytest.importorskip("pybullet")
 
 from oneencoder.datasets.pybullet_rgbd import pose_split, rgbd_records, summarize  # noqa: E402
-from oneencoder.registry import create_modality  # noqa: E402
+from oneencoder.modality import create_modality  # noqa: E402
 
 OBJECTS = ("duck", "cube", "bunny")
 HELDOUT = ("bunny",)

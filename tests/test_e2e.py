@@ -18,9 +18,9 @@ from oneencoder.evaluate import evaluate_samples
 from oneencoder.fileio import write_jsonl_atomic
 from oneencoder.manifest import read_manifest
 from oneencoder.model import OneEncoderModel
-from oneencoder.registry import create_modality
+from oneencoder.modality import create_modality
 from oneencoder.stage import run_stage
-from oneencoder.train import seed_everything
+from oneencoder.runtime import seed_everything
 
 EPOCHS = 8
 

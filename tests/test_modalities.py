@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from oneencoder.backbones import torch_load_weights
+from oneencoder.backbones import load_weights
 from oneencoder.errors import SampleError
 from oneencoder.modalities.image import _default_weights, lukemelas_to_timm
-from oneencoder.registry import Modality, create_modality
+from oneencoder.modality import Modality, create_modality
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def test_backbone_is_frozen(image_backbone: torch.nn.Module, text_backbone: torc
 def test_lukemelas_weights_map_onto_timm_without_leftovers() -> None:
     timm = pytest.importorskip("timm")
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = torch_load_weights(_default_weights())
+    state = load_weights(_default_weights())
     assert any(k.startswith("_blocks.") for k in state), "expected lukemelas-style keys in the packaged weights"
     names = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
     mapped = lukemelas_to_timm(state, names)
@@ -46,7 +46,7 @@ def test_lukemelas_weights_map_onto_timm_without_leftovers() -> None:
 
 
 def test_loaded_image_backbone_holds_the_packaged_weights(image_backbone: torch.nn.Module) -> None:
-    state = torch_load_weights(_default_weights())
+    state = load_weights(_default_weights())
     timm_state = image_backbone.model.state_dict()
     assert torch.equal(timm_state["conv_stem.weight"], state["_conv_stem.weight"])
     assert torch.equal(timm_state["classifier.weight"], state["_fc.weight"])
@@ -73,7 +73,7 @@ def test_image_encode_shape(image_modality, image_backbone, small_records) -> No
     assert tokens.shape == (3, n, image_modality.feature_dim)
     assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
     assert mask.dtype == torch.bool and mask.shape == (3, n) and bool(mask.all())
-    visual = int(image_modality.options["feature_dim"])
+    visual = image_modality.visual_dim
     if image_modality.options["semantic"]:
         # Label semantics: the appended text-space part has unit RMS per dimension.
         assert image_modality.feature_dim == visual + 384
@@ -84,7 +84,7 @@ def test_image_encode_shape(image_modality, image_backbone, small_records) -> No
 
 
 def test_grid_tokens(image_modality, image_backbone, small_records) -> None:
-    from oneencoder.registry import create_modality
+    from oneencoder.modality import create_modality
 
     opts = {**image_modality.options, "tokens": "grid+pooled"}
     grid = create_modality("image", **opts)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oneencoder.errors import ConfigError
 from oneencoder.losses import ContrastiveLoss, same_group_mask
 from oneencoder.model import Adapter, AdapterConfig, OneEncoderModel, ProjectionConfig, UniversalProjection
 
@@ -221,7 +222,7 @@ def test_language_prior_blends_a_frozen_sentence_space_vector() -> None:
     without = model("without", tokens, mask)
     assert torch.count_nonzero(without[:, 32:]) == 0
     assert torch.allclose(without.norm(dim=-1), torch.ones(4), atol=1e-5)  # still unit norm
-    with pytest.raises(ValueError, match="not 8 wide"):
+    with pytest.raises(ConfigError, match="model.s language space is 8 wide"):
         model.add_modality("bad", 20, 3, AdapterConfig(hidden=0), language_slice=(0, 5))
 
 

@@ -11,7 +11,7 @@ from oneencoder.cache import FeatureCache, build_cache, cache_dir_for, rejects_p
 from oneencoder.datasets.chemicals import chemicals_records, summarize
 from oneencoder.errors import ConfigError, SampleError
 from oneencoder.modalities.molecule import fragment_counts, fragment_names
-from oneencoder.registry import create_modality
+from oneencoder.modality import create_modality
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 

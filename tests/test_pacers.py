@@ -144,4 +144,4 @@ def test_register_a_custom_pacer() -> None:
         with pytest.raises(ValueError, match="order"):
             register_pacer(type("Bad", (Pacer,), {"name": "test_bad", "order": "sideways"}))
     finally:
-        pacers_module._REGISTRY.pop("test_step", None)
+        pacers_module.PACERS.unregister("test_step")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from oneencoder.errors import ConfigError
-from oneencoder.registry import (
+from oneencoder.modality import (
     Modality,
     ModalitySpec,
     create_modality,
@@ -35,8 +35,7 @@ def test_spec_fields_are_sane(name: str) -> None:
     assert isinstance(spec, ModalitySpec)
     assert spec.name == name
     assert isinstance(spec.backbone, str) and spec.backbone
-    assert isinstance(spec.feature_dim, int) and spec.feature_dim > 0
-    assert isinstance(spec.max_tokens, int) and spec.max_tokens > 0
+    assert spec.metric_style in ("recall", "ranking") and isinstance(spec.reads_files, bool)
     assert isinstance(spec.preprocess_version, str) and spec.preprocess_version
     assert isinstance(spec.record_key, str) and spec.record_key
     assert spec.default_anchor is None or (spec.default_anchor in NAMES and spec.default_anchor != name)
@@ -67,6 +66,42 @@ def test_create_with_defaults(name: str) -> None:
 def test_unknown_option_is_a_config_error(name: str) -> None:
     with pytest.raises(ConfigError, match="definitely_not_an_option"):
         create_modality(name, definitely_not_an_option=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_option_of_the_wrong_type_is_a_config_error(name: str) -> None:
+    """Options are typed by their defaults: a string where a number or a table belongs names the option."""
+    cls = get_modality_class(name)
+    key, default = next((k, v) for k, v in cls.default_options.items() if not isinstance(v, str))
+    with pytest.raises(ConfigError, match=key):
+        create_modality(name, **{key: "not-a-" + type(default).__name__})
+
+
+def test_builtins_are_found_through_their_entry_points() -> None:
+    """The built-ins are declared like any plugin: entry point name = modality, value = its class."""
+    from importlib.metadata import entry_points
+
+    from oneencoder.registry import class_path
+
+    declared = {ep.name: ep.value for ep in entry_points(group="oneencoder.modalities")}
+    for name in NAMES:
+        assert declared.get(name) == class_path(get_modality_class(name))
+
+
+def test_one_registry_serves_losses_pacers_and_scorers() -> None:
+    from oneencoder.curriculum.pacers import PACERS
+    from oneencoder.curriculum.scorers import SCORERS
+    from oneencoder.losses import LOSSES
+    from oneencoder.modality import MODALITIES
+    from oneencoder.registry import Registry
+
+    for registry in (LOSSES, PACERS, SCORERS, MODALITIES):
+        assert isinstance(registry, Registry) and registry.names()
+    with pytest.raises(ConfigError, match="init_temperature"):
+        LOSSES.create("infonce", init_temperature="warm")
+    with pytest.raises(ConfigError, match="unknown pacer 'nope'"):
+        PACERS.create("nope")
+    assert PACERS.create("linear", start=1).start == 1.0  # an int where a float belongs is fine
 
 
 def test_unknown_modality_is_a_config_error() -> None:

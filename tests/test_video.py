@@ -20,7 +20,7 @@ from oneencoder.datasets.pybullet_scenes import CATALOG  # noqa: E402
 from oneencoder.errors import ConfigError, OneEncoderError, SampleError  # noqa: E402
 from oneencoder.manifest import caption_group  # noqa: E402
 from oneencoder.modalities.video import VideoClip, sample_indices  # noqa: E402
-from oneencoder.registry import create_modality  # noqa: E402
+from oneencoder.modality import create_modality  # noqa: E402
 
 SMALL = {"objects": ("sphere", "cube"), "actions": ("drops", "bounces"), "clips_per_combo": 2}
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..cache import FeatureCache, cache_dir_for
 from ..errors import ConfigError, OneEncoderError
 from ..fileio import write_json_atomic
-from ..registry import Modality
+from ..modality import Modality
 from .scorers import ScoringContext, create_scorer, rank_normalise
 
 FORMAT = "oneencoder-difficulty/1"
@@ -216,6 +216,7 @@ def compute_difficulty(
     progress: bool = True,
     options: dict[str, dict[str, Any]] | None = None,
     corpus: list[str] | None = None,
+    required: set[str] | None = None,
 ) -> DifficultyTable:
     """Score every record that is cached for all ``modalities``.
 
@@ -230,6 +231,8 @@ def compute_difficulty(
         progress: Show a progress bar over the scorers.
         options: Scorer name -> options, e.g. ``{"cross_modal_density": {"k": 5}}``.
         corpus: Captions for word statistics (default: the scored records' captions).
+        required: Scorers that must apply; others that do not fit these modalities (e.g. an
+            image scorer on an audio-text stage) are left out. Default: all of ``scorers``.
 
     Returns:
         The table, with the modality fingerprints in ``meta``.
@@ -247,8 +250,14 @@ def compute_difficulty(
         raise OneEncoderError(f"none of {len(records)} records is cached for all of {sorted(modalities)} "
                               f"under {cache_root}; run `oneencoder cache build`")
     scores, measurements = {}, {}
+    required = set(scorers) if required is None else set(required)
     for name, scorer in tqdm(instances.items(), desc="difficulty", unit="scorer", disable=not progress):
-        result = scorer(ctx)
+        try:
+            result = scorer(ctx)
+        except ConfigError:
+            if name in required:
+                raise
+            continue  # does not apply to these modalities
         scores[name] = result.score
         measurements[name] = result.measurements
     ids = [r["id"] for r in ctx.records]

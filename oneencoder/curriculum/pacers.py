@@ -23,13 +23,13 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..registry import Registry
 
 ORDERS = ("static", "reverse", "online", "none")
 
@@ -72,46 +72,23 @@ class Pacer:
         return f"{type(self).__name__}(start={self.start}, full_at={self.full_at})"
 
 
-P = TypeVar("P", bound=type[Pacer])
-_REGISTRY: dict[str, type[Pacer]] = {}
-
-
-def register_pacer(cls: P) -> P:
-    """Class decorator: make a pacer available to ``create_pacer`` under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} needs a non-empty `name`")
+def _check_pacer(cls: type) -> None:
     if cls.order not in ORDERS:
         raise ValueError(f"{cls.__qualname__}.order = {cls.order!r}; use one of {ORDERS}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"pacer {cls.name!r} is already registered by {_REGISTRY[cls.name].__module__}")
-    _REGISTRY[cls.name] = cls
-    return cls
+
+
+PACERS: Registry[Pacer] = Registry("pacer", check=_check_pacer)
+register_pacer = PACERS.register
 
 
 def list_pacers() -> list[str]:
     """Names of every registered pacer."""
-    return sorted(_REGISTRY)
-
-
-def _options_of(cls: type) -> set[str]:
-    # Keyword options of a pacer: its own __init__ plus every base's (start, full_at).
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass) and klass is not object:
-            names |= {p for p in inspect.signature(klass.__init__).parameters if p != "self"}
-    return names
+    return PACERS.names()
 
 
 def create_pacer(name: str, **options: Any) -> Pacer:
     """Instantiate a registered pacer; unknown names or options raise ``ConfigError``."""
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown pacer {name!r}; registered: {', '.join(list_pacers())}") from None
-    unknown = set(options) - _options_of(cls)
-    if unknown:
-        raise ConfigError(f"pacer {name!r}: unknown option(s) {sorted(unknown)}; known: {sorted(_options_of(cls))}")
-    return cls(**options)
+    return PACERS.create(name, **options)
 
 
 def schedule(pacer: Pacer, total_steps: int) -> np.ndarray:

@@ -98,19 +98,22 @@ def plot_schedule(pacer_name: str, pacer_options: dict, total_steps: int, hn: tu
     _save(fig, path)
 
 
-def _thumb(path: str | None, size: int = 96) -> np.ndarray:
+def _thumb(record: dict, size: int = 96) -> np.ndarray:
+    """A thumbnail of the first file in ``record`` that PIL can read as an image (blank if none)."""
     from PIL import Image
 
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    try:
-        from oneencoder.registry import create_modality
+    from ..modality import file_fields
 
-        img = create_modality("image", semantic=False).load(path)
-        img = img.convert("RGBA")
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    for key in sorted(file_fields()):
+        try:
+            with Image.open(record[key]) as opened:
+                img = opened.convert("RGBA")
+        except Exception:  # not an image, or missing: a report never stops for a thumbnail
+            continue
         img.thumbnail((size, size))
         canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2), img)
-    except Exception:  # a missing thumbnail must not stop the report
-        pass
+        break
     return np.asarray(canvas)
 
 
@@ -127,7 +130,7 @@ def plot_extremes(table: DifficultyTable, combined: np.ndarray, records: dict[st
         ax.axis("off")
     for ax, i in zip(axes.flat, picks):
         rec = records[table.ids[i]]
-        ax.imshow(_thumb(rec.get("image")))
+        ax.imshow(_thumb(rec))
         caption = str(rec.get("caption", ""))
         caption = caption if len(caption) <= 34 else caption[:32] + "…"
         facts = _top_measurements(table, i, prefer)

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..backbones import require
 from ..errors import ConfigError, MissingDependencyError
+from ..registry import Registry, check_options
 
 IMAGE_MEASUREMENTS = ("edge_density", "colour_entropy", "foreground_fraction")
 _WORD = re.compile(r"\w+")
@@ -155,11 +156,7 @@ class Scorer(ABC):
     default_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.default_options)
-        if unknown:
-            raise ConfigError(f"difficulty scorer {self.name!r}: unknown option(s) {sorted(unknown)}; "
-                              f"known: {sorted(self.default_options)}")
-        self.options = {**self.default_options, **options}
+        self.options = check_options(f"difficulty scorer {self.name!r}", self.default_options, options)
 
     @abstractmethod
     def __call__(self, ctx: ScoringContext) -> ScorerResult:
@@ -168,30 +165,18 @@ class Scorer(ABC):
 
 # ----- registry -------------------------------------------------------------------------
 
-_SCORERS: dict[str, type[Scorer]] = {}
-
-
-def register_scorer(cls: type[Scorer]) -> type[Scorer]:
-    """Class decorator: make a scorer available to ``create_scorer`` under ``cls.name``."""
-    name = cls.name
-    if name in _SCORERS and _SCORERS[name] is not cls:
-        raise ValueError(f"difficulty scorer {name!r} is already registered by {_SCORERS[name].__module__}")
-    _SCORERS[name] = cls
-    return cls
+SCORERS: Registry[Scorer] = Registry("difficulty scorer")
+register_scorer = SCORERS.register
 
 
 def list_scorers() -> list[str]:
     """Names of every registered scorer."""
-    return sorted(_SCORERS)
+    return SCORERS.names()
 
 
 def create_scorer(name: str, **options: Any) -> Scorer:
     """Instantiate a registered scorer with its options."""
-    try:
-        cls = _SCORERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown difficulty scorer {name!r}; registered: {', '.join(list_scorers())}") from None
-    return cls(**options)
+    return SCORERS.create(name, **options)
 
 
 # ----- text -----------------------------------------------------------------------------
@@ -288,15 +273,26 @@ class ImageComplexity(Scorer):
     """
 
     name = "image_complexity"
-    default_options = {"modality": "image", "keys": IMAGE_MEASUREMENTS}
+    # modality None: the one whose cache holds these measurements (the image modality stores them).
+    default_options = {"modality": None, "keys": IMAGE_MEASUREMENTS}
 
     def __call__(self, ctx: ScoringContext) -> ScorerResult:
-        modality = self.options["modality"]
+        modality = self.options["modality"] or _measured_by(ctx, self.options["keys"], self.name)
         raw = {k: ctx.measurement(modality, k, self.name) for k in self.options["keys"]}
         if not raw:
             raise ConfigError(f"difficulty scorer {self.name!r}: option keys is empty")
         score = np.mean([rank_normalise(v) for v in raw.values()], axis=0)
         return ScorerResult(score, raw)
+
+
+def _measured_by(ctx: ScoringContext, keys: tuple[str, ...], scorer: str) -> str:
+    """The modality whose cached measurements include ``keys``."""
+    for modality, rows in ctx.measurements.items():
+        if rows and all(k in rows[0] for k in keys):
+            return modality
+    raise ConfigError(f"difficulty scorer {scorer!r}: no cache here has the measurements {list(keys)} "
+                      f"(modalities: {sorted(ctx.measurements) or 'none'}); a cache built before they existed "
+                      "needs a rebuild with `oneencoder cache build`, or set the scorer's `modality` option")
 
 
 # ----- cross-modal ----------------------------------------------------------------------

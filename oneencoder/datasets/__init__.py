@@ -1,1 +1,11 @@
 """Builders that write JSONL manifests from real, locally installed data."""
+
+# What each held-out subset means (values of a test record's ``heldout`` field, written by
+# the pybullet builders), in report order.
+HELDOUT_LABELS = {
+    "all": "test split",
+    "pose": "new poses of seen objects",
+    "object": "unseen objects",
+    "seen_combo": "new clips of seen action-object combos",
+    "combo": "unseen action-object combos",
+}

@@ -1,0 +1,50 @@
+"""Run settings and resume: a run resumes only with the settings, data and backbones it was made with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import META
+from .config import StageConfig
+
+RUN_SETTINGS = "settings.json"
+# Train settings that do not change what is learned.
+_UNLEARNED = ("device", "log_every", "eval_batch_size")
+
+
+def run_settings(config: StageConfig, data_hash: str, metas: dict[str, dict]) -> dict[str, Any]:
+    """What a run's result depends on: the stage settings, the data's content and the backbones."""
+    settings = config.to_dict()
+    settings.pop("source", None)
+    settings["data"] = {"records_sha256": data_hash}  # the data, not where it lies
+    settings["train"] = {k: v for k, v in settings["train"].items() if k not in _UNLEARNED}
+    return json.loads(json.dumps({"stage": settings, "modalities": metas}))  # as stored: tuples become lists
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def changed_settings(run_dir: Path, settings: dict[str, Any]) -> str | None:
+    """None when the run in ``run_dir`` was made with ``settings``; else what differs."""
+    path = run_dir / RUN_SETTINGS
+    if not path.exists():
+        return "made by an older oneencoder, without its settings"
+    changed = _differences(json.loads(path.read_text()), settings)
+    if not changed:
+        return None
+    return f"made with other settings (changed: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})"
+
+
+def remove_model_files(model_dir: Path) -> None:
+    """Everything of an old model, including the runs of stages that built on its projection."""
+    (model_dir / META).unlink(missing_ok=True)
+    (model_dir / "projection.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(model_dir / "adapters", ignore_errors=True)
+    shutil.rmtree(model_dir / "runs", ignore_errors=True)
