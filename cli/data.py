@@ -6,12 +6,12 @@ Each command is a thin wrapper over a ``build_*`` function that ``demo-all`` reu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, List, Optional
 
 import typer
 
 from oneencoder.datasets.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
-from oneencoder.fileio import write_jsonl_atomic
+from oneencoder.manifest import write_manifest
 
 from ._common import echo, user_errors
 
@@ -19,7 +19,8 @@ app = typer.Typer(help="Build dataset manifests (JSONL) from installed data.", n
 
 
 def _write(out: Path, records: list[dict], summarize_fn: Callable[[list[dict]], dict]) -> Path:
-    write_jsonl_atomic(out, records)
+    # Paths under the manifest's folder are written relative to it, so the folder can move.
+    write_manifest(out, records)
     echo(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in summarize_fn(records).items()))
     return out
 
@@ -138,3 +139,44 @@ def pybullet_video(
     Example:  oneencoder data pybullet-video --out outputs/video/manifest.jsonl --clips 8
     """
     build_pybullet_video(out, clips, seed)
+
+
+@app.command("import")
+@user_errors
+def import_table(
+    file: Path = typer.Argument(..., help="CSV, TSV or JSONL table, one sample per row (CSV/TSV: header line)."),
+    maps: Optional[List[str]] = typer.Option(None, "--map", "-m", metavar="MODALITY=COLUMN",
+                                             help="Put COLUMN in MODALITY's manifest field; repeat per modality."),
+    out: Path = typer.Option(Path("manifest.jsonl"), "--out", "-o",
+                             help="Manifest to write; rejected rows go to <out stem>.rejects.jsonl beside it."),
+    split_col: Optional[str] = typer.Option(None, "--split-col", help="Column holding train/val/test."),
+    val: Optional[float] = typer.Option(None, "--val", min=0.0, max=1.0,
+                                        help="Share of groups in val (stable hash of the group; with --test)."),
+    test: Optional[float] = typer.Option(None, "--test", min=0.0, max=1.0,
+                                         help="Share of groups in test (stable hash of the group; with --val)."),
+    group_col: Optional[str] = typer.Option(None, "--group-col",
+                                            help="Column holding group ids (default: the caption's group)."),
+    id_col: Optional[str] = typer.Option(None, "--id-col",
+                                         help="Column holding sample ids (default: the first file's path "
+                                              "without extension)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv or jsonl (default: from the file name)."),
+) -> None:
+    """Your own data: a CSV, TSV or JSONL table as a checked manifest.
+
+    Relative paths are read relative to the table's folder. Every file is opened and
+    decoded by its modality; bad rows go to the rejects file and the import goes on.
+    Without --split-col or --val/--test, the split is the caption-hash split (test 20%,
+    val 10%), so samples that share a caption share a split.
+
+    Example:  oneencoder data import pairs.csv --map image=path --map text=caption --out manifest.jsonl
+    """
+    from oneencoder.data_import import import_table as run_import
+
+    report = run_import(file, out, maps or [], fmt=fmt, split_col=split_col, val=val, test=test,
+                        group_col=group_col, id_col=id_col)
+    for note in report.notes:
+        echo(f"note: {note}")
+    if report.straddling:
+        echo(f"note: {report.straddling} group(s) lie in more than one split (column {split_col!r}): "
+             "some test samples share a group, e.g. a caption, with training ones")
+    echo(report.summary())

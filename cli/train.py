@@ -37,17 +37,22 @@ def train(
     device: Optional[str] = typer.Option(None, help="Override train.device (cpu, cuda, mps, auto)."),
     overwrite: bool = typer.Option(False, help="Retrain Stage 1 into a directory that already holds a model."),
     resume: bool = typer.Option(True, help="Continue an interrupted run of the same stage."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", metavar="MODEL_DIR",
+                                             help="Fine-tune Stage 1 from this model's projection and adapters "
+                                                  "(same backbones and shapes) instead of from scratch."),
 ) -> None:
     """Train a stage from cached features, keep the best checkpoint, report test metrics.
 
     Example:  oneencoder train --stage image_text --model outputs/demo/model
+
+    Fine-tune:  oneencoder train --stage my_stage.toml --model outputs/mine --init-from outputs/demo/model
     """
     quiet_libraries()
     config = load_stage(stage, {
         "data": data_overrides(manifest, cache_dir),
         "train": {"epochs": epochs, "seed": seed, "device": device},
     })
-    summary = run_stage(config, model, resume=resume, overwrite=overwrite)
+    summary = run_stage(config, model, resume=resume, overwrite=overwrite, init_from=init_from)
     echo(f"stage {config.name}: best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
          f"{summary['steps']} steps, {summary['train_seconds']} s; model in {model}")
     print_results(summary["test"])

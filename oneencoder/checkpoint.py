@@ -93,7 +93,8 @@ def save_model(
         if name == "projection":
             continue
         meta["files"][adapter_file(name)] = _save_module(model.adapters[name], model_dir / adapter_file(name))
-        meta["modalities"][name] = {**modalities[name], "adapter": asdict(model.adapter_configs[name])}
+        meta["modalities"][name] = {**modalities[name], "adapter": asdict(model.adapter_configs[name]),
+                                    "language_source": model.prior.sources[name]}
     stages = [s for s in meta["stages"] if s.get("name") != stage_entry.get("name")]
     meta["stages"] = stages + [{**stage_entry, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
     write_json_atomic(model_dir / META, meta)

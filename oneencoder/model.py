@@ -67,16 +67,9 @@ class Adapter(nn.Module):
         self.mlp = nn.Sequential(nn.LayerNorm(in_dim), *layers)
         self.modality_token = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
         self.positions = nn.Parameter(torch.zeros(1, max_tokens, d_model)) if config.positions else None
-        self.language_head: nn.Linear | None = None
-
-    def add_language_head(self, language_dim: int) -> None:
-        self.language_head = nn.Linear(self.modality_token.shape[-1], language_dim)
-
-    def predict_language(self, adapted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Unit-norm language-space vector from the mean of the adapted tokens (modality token excluded)."""
-        w = mask[:, 1:].to(adapted.dtype).unsqueeze(-1)
-        pooled = (adapted[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1.0)
-        return F.normalize(self.language_head(pooled), dim=-1)
+        # A language prior's predicted head, when it has one, is kept here so that it is saved
+        # and locked with the adapter; only LanguagePrior uses it.
+        self.language_head: nn.Module | None = None
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.mlp(tokens)
@@ -116,6 +109,70 @@ class UniversalProjection(nn.Module):
         return F.normalize(self.head(pooled), dim=-1)
 
 
+PRIOR_SOURCES = ("none", "slice", "head")
+
+
+class LanguagePrior(nn.Module):
+    """Residual blend with a frozen sentence-space vector, as CLIP-Adapter blends adapted and original
+    features: ``[sqrt(1 - w) * learned, sqrt(w) * v]``, unit norm when ``learned`` and ``v`` are.
+
+    Each modality gets ``v`` from one source: ``"slice"``, dims of its first backbone token
+    that already live in the text backbone's sentence space; ``"head"``, a linear head on
+    its adapted tokens (trained with its adapter); or ``"none"``, zeros (its rankings then
+    use the learned part alone).
+
+    Args:
+        weight: ``w`` in [0, 1); 0 turns the prior off (the embedding is ``learned``).
+        width: Width of ``v`` (the text backbone's sentence width).
+    """
+
+    def __init__(self, weight: float, width: int) -> None:
+        super().__init__()
+        self.weight, self.width = float(weight), int(width)
+        self.sources: dict[str, str] = {}
+        self.slices: dict[str, tuple[int, int]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+    def source_for(self, name: str, language_slice: tuple[int, int] | None, head: bool) -> str:
+        """Validate and record where ``name``'s vector comes from; returns the source."""
+        if not self.enabled:
+            source = "none"
+        elif language_slice is not None:
+            start, end = int(language_slice[0]), int(language_slice[1])
+            if end - start != self.width:
+                raise ConfigError(f"modality {name!r}: its language slice is {end - start} wide, but the model's "
+                                  f"language space is {self.width} wide (a different text backbone?)")
+            self.slices[name] = (start, end)
+            source = "slice"
+        else:
+            source = "head" if head else "none"
+        self.sources[name] = source
+        return source
+
+    def vector(self, name: str, tokens: torch.Tensor, adapted: torch.Tensor, mask: torch.Tensor,
+               head: nn.Module | None) -> torch.Tensor | None:
+        """``[B, width]`` unit vector for ``name``, or None when it has none."""
+        source = self.sources.get(name, "none")
+        if source == "slice":
+            start, end = self.slices[name]
+            return F.normalize(tokens[:, 0, start:end], dim=-1)
+        if source == "head":  # from the mean of the adapted tokens, the modality token excluded
+            w = mask[:, 1:].to(adapted.dtype).unsqueeze(-1)
+            pooled = (adapted[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1.0)
+            return F.normalize(head(pooled), dim=-1)
+        return None
+
+    def forward(self, learned: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        if not self.enabled:
+            return learned
+        if vector is None:
+            return torch.cat([learned, learned.new_zeros(learned.shape[0], self.width)], -1)
+        return torch.cat([learned * (1 - self.weight) ** 0.5, vector.to(learned.dtype) * self.weight**0.5], dim=-1)
+
+
 class OneEncoderModel(nn.Module):
     """All trainable parameters: one adapter per modality and the shared projection."""
 
@@ -126,7 +183,7 @@ class OneEncoderModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self._locked: list[nn.Module] = []
-        self.language_slices: dict[str, tuple[int, int] | None] = {}
+        self.prior = LanguagePrior(projection.language_prior, projection.language_dim)
 
     @property
     def modalities(self) -> list[str]:
@@ -149,35 +206,19 @@ class OneEncoderModel(nn.Module):
         """Add a modality's adapter. ``language_slice``: dims of its first token that already
         live in the frozen language space (used only with ``language_prior > 0``)."""
         config = config or AdapterConfig()
-        if language_slice is not None:
-            language_slice = (int(language_slice[0]), int(language_slice[1]))
-            width = language_slice[1] - language_slice[0]
-            if self.projection_config.language_prior > 0 and width != self.projection_config.language_dim:
-                raise ConfigError(f"modality {name!r}: its language slice is {width} "
-                                  f"wide, but the model's language space is {self.projection_config.language_dim} "
-                                  "wide (a different text backbone?)")
-        self.language_slices[name] = language_slice
-        self.adapters[name] = Adapter(feature_dim, self.projection_config.d_model, max_tokens, config)
-        if config.language_head and language_slice is None and self.projection_config.language_prior > 0:
-            self.adapters[name].add_language_head(self.projection_config.language_dim)
+        source = self.prior.source_for(name, language_slice, config.language_head)
+        adapter = Adapter(feature_dim, self.projection_config.d_model, max_tokens, config)
+        if source == "head":
+            adapter.language_head = nn.Linear(self.projection_config.d_model, self.prior.width)
+        self.adapters[name] = adapter
         self.adapter_configs[name] = config
-        return self.adapters[name]
+        return adapter
 
     def forward(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x, adapted_mask = self.adapters[modality](tokens, mask)
-        learned = self.projection(x, adapted_mask)
-        weight = self.projection_config.language_prior
-        if weight <= 0:
-            return learned
-        span = self.language_slices.get(modality)
         adapter = self.adapters[modality]
-        if span is not None:
-            prior = F.normalize(tokens[:, 0, span[0] : span[1]].to(learned.dtype), dim=-1)
-        elif adapter.language_head is not None:
-            prior = adapter.predict_language(x, adapted_mask).to(learned.dtype)
-        else:  # no language vector at all: the learned part alone, still unit norm
-            return torch.cat([learned, learned.new_zeros(learned.shape[0], self.projection_config.language_dim)], -1)
-        return torch.cat([learned * (1 - weight) ** 0.5, prior * weight**0.5], dim=-1)
+        x, adapted_mask = adapter(tokens, mask)
+        learned = self.projection(x, adapted_mask)
+        return self.prior(learned, self.prior.vector(modality, tokens, x, adapted_mask, adapter.language_head))
 
     # open_clip-style locking: frozen parts are eval-mode and grad-free.
     def lock_projection(self) -> None:

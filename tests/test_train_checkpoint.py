@@ -333,3 +333,28 @@ def test_overwriting_stage1_with_another_config_records_the_new_one(small_manife
     assert meta["projection"]["language_prior"] == 0.5
     assert meta["embed_dim"] == meta["d_model"] + 384
     assert oneencoder.load(model_dir).encode("text", ["a badger"]).shape == (1, meta["embed_dim"])
+
+
+def test_init_from_fine_tunes_stage1_from_another_model(trained_model, small_manifest, small_cache, make_config,
+                                                        tmp_path: Path) -> None:
+    """--init-from starts from the source's weights: with a vanishing learning rate they barely move."""
+    from safetensors.torch import load_file
+
+    from oneencoder.checkpoint import read_meta
+    from oneencoder.errors import ConfigError
+    from oneencoder.stage import run_stage
+
+    source = trained_model["dir"]
+    config = make_config(small_manifest, small_cache, epochs=1, sections={"train": {"lr": 1e-9}})
+    run_stage(config, tmp_path / "tuned", init_from=source, progress=False)
+    before, after = (load_file(str(d / "projection.safetensors")) for d in (source, tmp_path / "tuned"))
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
+    fresh = tmp_path / "fresh"
+    run_stage(config, fresh, progress=False)
+    scratch = load_file(str(fresh / "projection.safetensors"))
+    assert any(not torch.allclose(before[k], scratch[k], atol=1e-3) for k in before)  # so the test can fail
+    assert read_meta(tmp_path / "tuned")["stages"][-1]["init_from"] == str(source)
+    wider = make_config(small_manifest, small_cache, epochs=1, sections={"model": {"d_model": 128}})
+    with pytest.raises(ConfigError, match="--init-from .* projection"):
+        run_stage(wider, tmp_path / "wider", init_from=source, progress=False)

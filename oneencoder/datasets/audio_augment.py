@@ -10,6 +10,7 @@ Files are written atomically and an existing variant is reused, so reruns are ch
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +61,15 @@ def augment_records(records: list[dict], out_dir: str | Path, copies: int, seed:
     ``drop`` lists fields set to None in the copies (inputs that do not change).
 
     Returns:
-        The new records (ids ``<id>#aug<k>``) and rejects (``{"id", "reason"}``) for clips
-        that could not be decoded; those are left out, the rest go on.
+        The new records (ids ``<id>#aug<k>``, absolute ``field`` paths) and rejects
+        (``{"id", "reason"}``) for clips that could not be decoded; those are left out, the rest go on.
     """
     if copies <= 0:
         return [], []
-    from oneencoder.registry import create_modality
+    from oneencoder.modality import create_modality
 
     audio = create_modality("audio")
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # absolute: records work from any folder
     todo = [r for r in records if r.get("split") == "train" and r.get(field)]
     new, rejects = [], []
     for record in tqdm(todo, desc="augment audio", unit="clip", disable=not progress):

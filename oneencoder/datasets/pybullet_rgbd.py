@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def rgbd_records(
         progress: Show a progress bar.
 
     Returns:
-        Records sorted by object then index, with ``id``, ``image``, ``depth``,
+        Records sorted by object then index, with ``id``, ``image``, ``depth`` (absolute paths),
         ``caption``, ``object``, ``group``, ``split``, ``heldout`` and ``camera``.
 
     Raises:
@@ -140,7 +141,7 @@ def rgbd_records(
         raise OneEncoderError(f"unknown pybullet object(s) {unknown}; known: {', '.join(CATALOG)}")
     if renders_per_object < 1:
         raise OneEncoderError(f"renders_per_object={renders_per_object}; use at least 1")
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # absolute: records work from any folder; the manifest writer relativises
     heldout = set(heldout_objects)
     records: list[dict] = []
     bar = tqdm(total=len(names) * renders_per_object, desc="render rgbd", unit="view", disable=not progress)

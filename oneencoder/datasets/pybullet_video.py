@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,8 +439,8 @@ def video_records(out_dir: str | Path, clips_per_combo: int = 8,
 
     Returns:
         Records ``{"id", "video", "image", "caption", "object", "action", "group", "split",
-        "heldout", "n_frames", "fps"}`` sorted by action, object and index. ``image`` is the
-        clip's middle frame as a PNG (for emergent video<->image retrieval).
+        "heldout", "n_frames", "fps"}`` sorted by action, object and index, with absolute paths.
+        ``image`` is the clip's middle frame as a PNG (for emergent video<->image retrieval).
     """
     if clips_per_combo < 1:
         raise OneEncoderError(f"video dataset: clips_per_combo={clips_per_combo}; use at least 1")
@@ -447,7 +448,7 @@ def video_records(out_dir: str | Path, clips_per_combo: int = 8,
     if not combos:
         raise OneEncoderError("video dataset: no valid (action, object) combination for these objects and actions")
     held = set(default_heldout(combos)) if heldout_combos is None else _normalise_heldout(heldout_combos, combos)
-    root = Path(out_dir)
+    root = Path(os.path.abspath(out_dir))  # absolute: records work from any folder; the manifest writer relativises
     records = []
     for action, obj in combos:
         text = caption(action, obj)
