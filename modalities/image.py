@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,8 @@ class ImageModality(Modality):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        if self.options["weights"]:  # recorded absolute: the model and caches work from any folder
+            self.options["weights"] = os.path.abspath(os.path.expanduser(str(self.options["weights"])))
         if self.options["tokens"] not in _GRID:
             raise ConfigError(f"[modalities.image] tokens={self.options['tokens']!r}; use one of {list(_GRID)}")
 

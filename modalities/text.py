@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,9 @@ class Text(Modality):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        backbone = str(self.options["backbone"])
+        if backbone.startswith("hf:"):  # recorded absolute: the model and caches work from any folder
+            self.options["backbone"] = "hf:" + os.path.abspath(os.path.expanduser(backbone[3:]))
         if self.options["tokens"] not in ("tokens", "pooled", "pooled+tokens"):
             raise ConfigError(f"[modalities.text] tokens={self.options['tokens']!r}; "
                               "use 'tokens', 'pooled' or 'pooled+tokens'")

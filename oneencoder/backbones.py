@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import pickle
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -60,8 +62,13 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling and header errors come in many types
-        raise ConfigError(f"{path}: cannot read weights ({type(e).__name__}: {e}); "
+    except pickle.UnpicklingError as e:  # weights_only refused a global: the file pickles code or objects
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it pickles {found.group(1)}" if found else "it holds pickled objects"
+        raise ConfigError(f"{path}: refused: {what}, and loading it could run code; save the weights with "
+                          "safetensors or torch.save(model.state_dict())") from None
+    except Exception as e:  # header and format errors come in many types
+        raise ConfigError(f"{path}: cannot read weights ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                           "use a .safetensors file or a plain state dict saved with torch.save") from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]

@@ -123,7 +123,8 @@ def stage_difficulty(config: StageConfig, records: list[dict], modalities: dict[
     if path.exists() and not force:
         table = DifficultyTable.load(path)
         cached_ids = set(load_pair_split(records, "train", modalities, config.data.cache_dir).ids)
-        if set(table.ids) == cached_ids and all(s in table.scores for s in config.curriculum.scorers):
+        same_features = table.meta.get("fingerprints") == {n: m.fingerprint() for n, m in modalities.items()}
+        if same_features and set(table.ids) == cached_ids and all(s in table.scores for s in config.curriculum.scorers):
             return table, path
     table = compute_difficulty(train, config.data.cache_dir, modalities, scorers or list_scorers(), required=required)
     table.save(path)

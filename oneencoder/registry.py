@@ -121,6 +121,7 @@ class Registry(Generic[T]):
         self._group = entry_points
         self._check = check
         self._classes: dict[str, type[T]] = {}
+        self._broken: dict[str, str] = {}  # entry point name -> why it cannot be imported
         self._entry_points_loaded = False
 
     def register(self, cls: C) -> C:
@@ -155,11 +156,15 @@ class Registry(Generic[T]):
             self.register(cls)
 
     def _load_all(self) -> None:
+        """Load every entry point; one that cannot be imported must not hide the others."""
         if not self._entry_points_loaded:
             self._entry_points_loaded = True
             for ep in self._entry_points():
                 if ep.name not in self._classes:
-                    self._load_entry_point(ep)
+                    try:
+                        self._load_entry_point(ep)
+                    except MissingDependencyError as e:
+                        self._broken[ep.name] = str(e)
 
     def names(self) -> list[str]:
         """Every registered name, installed plugins included."""
@@ -172,6 +177,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> type[T]:
         """The class registered as ``name``; a ``ConfigError`` listing the known names if none is."""
         if name not in self._classes:
+            if name in self._broken:
+                raise MissingDependencyError(self._broken[name])
             for ep in self._entry_points():
                 if ep.name == name:
                     self._load_entry_point(ep)
