@@ -9,6 +9,7 @@ import typer
 
 from oneencoder.cache import build_cache
 from oneencoder.checkpoint import load_model, modality_from_meta
+from oneencoder.errors import OneEncoderError
 from oneencoder.evaluate import evaluate_samples
 from oneencoder.fileio import write_json_atomic
 from oneencoder.manifest import read_manifest
@@ -30,10 +31,14 @@ def evaluate(
     Example:  oneencoder eval --model outputs/demo/model --split test
     """
     quiet_libraries()
-    net, meta = load_model(model)
+    net, meta = load_model(model)  # registers the model's recorded modality classes first
     records = read_manifest(manifest)
-    modalities = {name: modality_from_meta(name, info) for name, info in meta["modalities"].items()}
-    modalities = {n: m for n, m in modalities.items() if any(r.get(m.spec.record_key) for r in records)}
+    present = [n for n, info in meta["modalities"].items() if any(r.get(info["record_key"]) for r in records)]
+    if len(present) < 2:
+        fields = {n: info["record_key"] for n, info in meta["modalities"].items()}
+        raise OneEncoderError(f"{manifest}: inputs for {len(present)} of the model's modalities "
+                              f"({', '.join(present) or 'none'}); eval needs two (fields: {fields})")
+    modalities = {n: modality_from_meta(n, meta["modalities"][n]) for n in present}
     for m in modalities.values():
         build_cache(m, records, cache_dir, progress=True)
     results = evaluate_samples(net, modalities, records, cache_dir, split)

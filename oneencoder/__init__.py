@@ -15,9 +15,10 @@ if (_root / "pyproject.toml").is_file() and (_root / "modalities" / "__init__.py
     __path__.append(str(_root))  # type: ignore[name-defined]
 
 from .api import OneEncoder, load  # noqa: E402
+from .backbones import freeze, load_weights  # noqa: E402
 from .errors import OneEncoderError  # noqa: E402
 from .modality import Modality, ModalitySpec, create_modality, list_modalities, register_modality  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["OneEncoder", "load", "OneEncoderError", "Modality", "ModalitySpec", "create_modality",
-           "list_modalities", "register_modality", "__version__"]
+           "list_modalities", "register_modality", "freeze", "load_weights", "__version__"]

@@ -52,7 +52,20 @@ def read_meta(model_dir: str | Path) -> dict[str, Any]:
         raise OneEncoderError(f"{path}: corrupt JSON ({e.msg})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise OneEncoderError(f"{path}: format_version {meta.get('format_version')} is not supported (need {FORMAT_VERSION})")
+    _register_recorded(meta)
     return meta
+
+
+def _register_recorded(meta: dict[str, Any]) -> None:
+    """Import the classes the model recorded, where importable, so that their manifest fields
+    are known (e.g. a plugin's file paths resolve against the manifest's folder). One that is
+    not importable fails later, with one line, only if it is used."""
+    for name, info in meta.get("modalities", {}).items():
+        if isinstance(info, dict):
+            try:
+                modality_class_for(name, info)
+            except OneEncoderError:
+                pass
 
 
 def save_model(
