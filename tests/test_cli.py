@@ -128,6 +128,33 @@ def test_info_lists_modalities(trained_model) -> None:
     assert "image_text" in result.output and "test image→text" in result.output
 
 
+def test_info_says_whether_each_backbone_is_present_and_unchanged(trained_model, tmp_path: Path) -> None:
+    result = invoke("info", trained_model["dir"])
+    assert result.output.count("backbone present, checksum OK") == 2, result.output
+    assert "class=oneencoder.modalities.text:Text from oneencoder" in result.output
+    model = tmp_path / "model"
+    shutil.copytree(trained_model["dir"], model)
+    meta = json.loads((model / "oneencoder.json").read_text())
+    meta["modalities"]["text"]["weights_sha256"] = "0" * 64  # as if other weights were installed now
+    meta["modalities"]["image"]["options"]["weights"] = str(tmp_path / "gone.pth")
+    (model / "oneencoder.json").write_text(json.dumps(meta))
+    result = invoke("info", model)
+    assert result.exit_code == 0, result.output
+    assert "backbone changed: installed weights sha256" in result.output
+    assert "backbone missing: image backbone weights not found" in result.output
+
+
+def test_train_says_which_split_is_missing(small_records, small_cache, tmp_path: Path) -> None:
+    """Without val rows the error names the split and how to assign one, not `cache build`."""
+    manifest = tmp_path / "no-val.jsonl"
+    write_jsonl_atomic(manifest, [{**r, "split": "train" if r["split"] == "val" else r["split"]} for r in small_records])
+    result = invoke("train", "--stage", "image_text", "--manifest", manifest, "--cache-dir", small_cache,
+                    "--model", tmp_path / "m", "--epochs", "1")
+    _assert_user_error(result)
+    assert "need at least 1 cached val pair; the manifest has no 'val' rows" in result.output
+    assert "--val" in result.output
+
+
 def test_eval_prints_recall_and_chance(trained_model, small_manifest, small_cache, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     result = invoke("eval", "--model", trained_model["dir"], "--manifest", small_manifest,
