@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 from .model import AdapterConfig, ProjectionConfig
-from .registry import import_plugins
+from .registry import import_plugins, same_kind
 
 T = TypeVar("T")
 
@@ -98,17 +98,9 @@ def _section(cls: type[T], raw: Any, where: str) -> T:
         raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
     defaults = cls()  # every section dataclass has defaults
     for key, value in raw.items():
-        if not _same_kind(getattr(defaults, key), value):
+        if not same_kind(getattr(defaults, key), value):
             raise ConfigError(f"{where}.{key} = {value!r}: expected {type(getattr(defaults, key)).__name__}")
     return cls(**raw)
-
-
-def _same_kind(default: Any, value: Any) -> bool:
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    return isinstance(value, type(default))
 
 
 def resolve_stage_path(stage: str | Path) -> Path:

@@ -27,7 +27,7 @@ T = TypeVar("T")
 C = TypeVar("C", bound=type)
 
 
-def _same_kind(default: Any, value: Any) -> bool:
+def same_kind(default: Any, value: Any) -> bool:
     """Whether ``value`` may replace ``default`` (TOML gives lists for tuples, ints for floats)."""
     if default is None:
         return True
@@ -46,7 +46,7 @@ def check_options(where: str, defaults: dict[str, Any], given: dict[str, Any]) -
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)}; known: {sorted(defaults)}")
     for key, value in given.items():
-        if not _same_kind(defaults[key], value):
+        if not same_kind(defaults[key], value):
             raise ConfigError(f"{where}: option {key} = {value!r} should be a {type(defaults[key]).__name__} "
                               f"(like its default {defaults[key]!r})")
     return {**defaults, **given}
