@@ -153,10 +153,22 @@ def modality_meta(modality: Modality) -> dict[str, Any]:
             "options": fp["options"], "language_slice": modality.language_slice(), **provenance(modality)}
 
 
+# Options older models recorded for widths that are now read from the backbone.
+_WIDTH_OPTIONS = ("feature_dim",)
+
+
 def modality_from_meta(name: str, info: dict[str, Any], check_weights: bool = True) -> Modality:
     """Recreate a model's modality (importing the module recorded for it if need be) and check
     that its installed backbone is the one it was trained on."""
-    modality = modality_class_for(name, info)(**info["options"])
+    cls = modality_class_for(name, info)
+    options = dict(info["options"])
+    for key in _WIDTH_OPTIONS:  # once hand-set widths, now read from the backbone (older models)
+        if key in options and key not in cls.default_options:
+            del options[key]
+    modality = cls(**options)
+    if modality.feature_dim != info["feature_dim"]:
+        raise ChecksumError(f"the installed {name} backbone ({modality.backbone_id}) gives {modality.feature_dim}-wide "
+                            f"features; this model was trained on {info['feature_dim']}-wide ones")
     if check_weights and modality.weights_sha256() != info["weights_sha256"]:
         raise ChecksumError(f"the installed {name} backbone ({modality.backbone_id}) has other weights than the "
                             "ones this model was trained with; reinstall the version recorded in oneencoder.json")

@@ -358,3 +358,18 @@ def test_init_from_fine_tunes_stage1_from_another_model(trained_model, small_man
     wider = make_config(small_manifest, small_cache, epochs=1, sections={"model": {"d_model": 128}})
     with pytest.raises(ConfigError, match="--init-from .* projection"):
         run_stage(wider, tmp_path / "wider", init_from=source, progress=False)
+
+
+def test_a_model_saved_before_widths_came_from_the_backbone_still_loads(trained_model, tmp_path: Path) -> None:
+    """Older model directories recorded `feature_dim` among the options and no class: they still load."""
+    model = tmp_path / "old"
+    shutil.copytree(trained_model["dir"], model, ignore=shutil.ignore_patterns("runs"))
+    meta = json.loads((model / "oneencoder.json").read_text())
+    for name, width in (("text", 384), ("image", 1280)):
+        info = meta["modalities"][name]
+        info["options"]["feature_dim"] = width
+        for key in ("class", "distribution", "distribution_version", "language_source", "metric_style"):
+            info.pop(key)
+    (model / "oneencoder.json").write_text(json.dumps(meta))
+    old, new = oneencoder.load(model), oneencoder.load(trained_model["dir"])
+    assert torch.equal(old.encode("text", ["A badger."]), new.encode("text", ["A badger."]))
