@@ -8,6 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STAMPS_DIR := /usr/share/tuxpaint/stamps
+OPENCLIPART_DIR := /usr/share/openclipart
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -32,10 +33,13 @@ $(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt 
 	touch $(STAMP)
 
 # Debian data packages (real data, read in place, never copied into the repo).
-# libcairo2 renders the SVG stamps (through cairosvg).
+# libcairo2 renders the SVG stamps (through cairosvg). openclipart-png/-svg (public domain)
+# are the noisy image-text data of `oneencoder data openclipart` (docs/openclipart.md).
 system-deps:
 	@missing=""; \
 	[ -d $(STAMPS_DIR) ] || missing="$$missing tuxpaint-stamps-default"; \
+	[ -d $(OPENCLIPART_DIR)/png ] || missing="$$missing openclipart-png"; \
+	[ -d $(OPENCLIPART_DIR)/svg ] || missing="$$missing openclipart-svg"; \
 	ldconfig -p | grep -q 'libcairo.so.2 ' || missing="$$missing libcairo2"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

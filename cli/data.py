@@ -10,6 +10,7 @@ from typing import Callable, List, Optional
 
 import typer
 
+from oneencoder.datasets.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from oneencoder.datasets.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
 from oneencoder.manifest import write_manifest
 
@@ -56,6 +57,24 @@ def build_pybullet_video(out: Path, clips: int = 8, seed: int = 0) -> Path:
     from oneencoder.datasets.pybullet_video import summarize as summarize_video, video_records
 
     return _write(out, video_records(out.parent, clips_per_combo=clips, seed=seed), summarize_video)
+
+
+def build_openclipart(out: Path, root: Path = OPENCLIPART_ROOT, tuxpaint_root: Path = DEFAULT_ROOT,
+                      limit: Optional[int] = None, with_tuxpaint: bool = True) -> Path:
+    """Openclipart training pairs (plus, with ``with_tuxpaint``, every Tux Paint stamp); prints the summary."""
+    from oneencoder.datasets.openclipart_build import build_openclipart as run_build
+
+    report = run_build(out, root, tuxpaint_root, limit=limit, with_tuxpaint=with_tuxpaint)
+    echo(report.summary())
+    return out
+
+
+def build_corrupt(src: Path, out: Path, fraction: float, seed: int = 0) -> Path:
+    """A copy of ``src`` with captions shuffled among ``fraction`` of its training pairs; prints the summary."""
+    from oneencoder.datasets.corrupt import corrupt_manifest
+
+    echo(corrupt_manifest(src, out, fraction, seed).summary())
+    return out
 
 
 @app.command("tuxpaint")
@@ -139,6 +158,52 @@ def pybullet_video(
     Example:  oneencoder data pybullet-video --out outputs/video/manifest.jsonl --clips 8
     """
     build_pybullet_video(out, clips, seed)
+
+
+@app.command("openclipart")
+@user_errors
+def openclipart(
+    out: Path = typer.Option(Path("outputs/openclipart/manifest.jsonl"), "--out", "-o",
+                             help="Manifest to write; side files <out stem>.rejects.jsonl, .near_duplicates.jsonl, "
+                                  ".stats.json and .signatures.jsonl go beside it."),
+    root: Path = typer.Option(OPENCLIPART_ROOT, help="Openclipart folder holding png/ and svg/."),
+    tuxpaint_root: Path = typer.Option(DEFAULT_ROOT, "--tuxpaint-root", help="Tux Paint stamps folder."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Read only the first N openclipart images (sorted paths)."),
+    with_tuxpaint: bool = typer.Option(True, "--with-tuxpaint/--openclipart-only",
+                                       help="Also write every Tux Paint stamp with its own split, so training "
+                                            "validates and tests on Tux Paint as the demo does."),
+) -> None:
+    """Noisy image-caption pairs from the Debian packages openclipart-png and openclipart-svg.
+
+    Captions are "<title>. <keywords>." from each SVG's metadata; every openclipart pair
+    is a training pair. Images that are near-duplicates of a Tux Paint validation or test
+    image (perceptual hash) are left out and listed in <out stem>.near_duplicates.jsonl.
+    Bad files go to <out stem>.rejects.jsonl. Rerunning reuses the image hashes.
+
+    Example:  oneencoder data openclipart --out outputs/openclipart/manifest.jsonl
+    """
+    build_openclipart(out, root, tuxpaint_root, limit, with_tuxpaint)
+
+
+@app.command("corrupt")
+@user_errors
+def corrupt(
+    src: Path = typer.Argument(..., metavar="IN", help="Manifest to corrupt (not modified)."),
+    fraction: float = typer.Option(..., "--fraction", "-p", min=0.0, max=1.0,
+                                   help="Share of the training pairs whose captions are shuffled among themselves."),
+    seed: int = typer.Option(0, help="Seed of which pairs are chosen and how their captions move."),
+    out: Path = typer.Option(..., "--out", "-o", help="Corrupted manifest to write."),
+) -> None:
+    """Shuffle the captions among a fraction of a manifest's training pairs (none keeps its own).
+
+    Corrupted rows get "corrupted": true, "true_caption" and "clean_id" (training never
+    reads them), a group from their new caption and a new id <id>#corrupt-<hash>, so
+    the id-keyed feature cache never serves them their clean caption's features.
+    Validation and test rows are left as they are.
+
+    Example:  oneencoder data corrupt manifest.jsonl --fraction 0.2 --seed 0 --out corrupt20.jsonl
+    """
+    build_corrupt(src, out, fraction, seed)
 
 
 @app.command("import")

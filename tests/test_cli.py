@@ -47,7 +47,8 @@ def _assert_user_error(result) -> None:
 
 def test_all_commands_are_found() -> None:
     assert {("data", "tuxpaint"), ("data", "tuxpaint-audio"), ("data", "chemicals"), ("data", "pybullet-rgbd"),
-            ("data", "pybullet-video"), ("cache", "build"), ("train",), ("eval",), ("embed",), ("info",),
+            ("data", "pybullet-video"), ("data", "openclipart"), ("data", "corrupt"), ("cache", "build"), ("train",),
+            ("eval",), ("embed",), ("info",),
             ("add-modality",), ("demo",), ("demo-all",)} <= set(LEAVES)
 
 
