@@ -67,7 +67,10 @@ def run_arm(args: tuple[str, dict, int, str, int, str, str]) -> dict:
                        "train": {"seed": seed, "epochs": epochs, "patience": epochs + 1}})
     model_dir = Path(out_dir) / "models" / f"{name}-s{seed}"
     start = time.time()
-    summary = run_stage(parse_stage(raw, stage_path), model_dir, resume=False, overwrite=True, progress=False)
+    # A finished run with the same settings is re-reported, not retrained (the runs are seeded
+    # and deterministic on CPU), so an interrupted or extended ablation picks up where it was.
+    summary = run_stage(parse_stage(raw, stage_path), model_dir, resume=True, overwrite=True,
+                        restart_if_changed=True, progress=False)
     history = [json.loads(line) for line in open(model_dir / "runs" / raw["stage"]["name"] / "metrics.jsonl")]
     curve = [(h["step"], (h["val/image→text/R@1"] + h["val/text→image/R@1"]) / 2) for h in history if "val/score" in h]
     test = {d: r["metrics"] for d, r in summary["test"]["directions"].items()}

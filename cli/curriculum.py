@@ -39,6 +39,11 @@ def score(
     names = [s.strip() for s in scorers.split(",")] if scorers else None
     table, path = stage_difficulty(config, read_manifest(config.data.manifest), scorers=names, force=True)
     echo(f"scored {len(table.ids)} training pairs with {', '.join(table.scores)} -> {path}")
+    clean = table.measurements.get("pair_agreement", {}).get("clean_probability")
+    if clean is not None:
+        suspect = int((clean < 0.5).sum())
+        echo(f"pair_agreement: about {1 - float(clean.mean()):.1%} of the pairs look wrong "
+             f"({suspect} with clean probability < 0.5); see `oneencoder curriculum report`")
 
 
 @app.command("report")

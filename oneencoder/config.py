@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .curriculum.weights import WEIGHTINGS
 from .errors import ConfigError
 from .model import AdapterConfig, ProjectionConfig
 from .registry import import_plugins, same_kind
@@ -64,6 +65,12 @@ class CurriculumConfig:
     hn_k: int = 10  # neighbours mined per sample
     hn_source: str = "frozen"  # frozen: backbone features; model: current embeddings, refreshed each epoch
     loss_predictor: bool = True  # self_paced: a small net predicts the loss of samples not seen recently
+    # Per-pair loss weights for noisy data: none | trust (pair_agreement's clean probability)
+    # | superloss (self-paced confidence from the current loss) | trust+superloss
+    weighting: str = "none"
+    superloss_lambda: float = 1.0  # superloss: how sharply a loss above the batch mean is down-weighted
+    weight_floor: float = 0.0  # no pair's weight falls below this
+    trust_threshold: float = 0.0  # trust: 0 = weight by clean probability; > 0 = 1 at or above it, else weight_floor
 
 
 @dataclass
@@ -192,6 +199,11 @@ def _check_values(config: StageConfig, source: str) -> None:
         (0.0 <= config.curriculum.hard_negatives <= 1.0 and 0.0 <= config.curriculum.hn_start <= 1.0,
          "[curriculum] hard_negatives and hn_start must be in [0, 1]"),
         (config.curriculum.hn_source in ("frozen", "model"), "[curriculum] hn_source must be 'frozen' or 'model'"),
+        (config.curriculum.weighting in WEIGHTINGS,
+         f"[curriculum] weighting = {config.curriculum.weighting!r}: use one of {', '.join(WEIGHTINGS)}"),
+        (config.curriculum.superloss_lambda > 0, "[curriculum] superloss_lambda must be > 0"),
+        (0.0 <= config.curriculum.weight_floor < 1.0, "[curriculum] weight_floor must be in [0, 1)"),
+        (0.0 <= config.curriculum.trust_threshold < 1.0, "[curriculum] trust_threshold must be in [0, 1)"),
         (all(isinstance(w, (int, float)) and w >= 0 for w in config.curriculum.scorers.values()),
          "[curriculum] scorers must map scorer names to non-negative weights"),
         (config.loss.init_temperature > 0, "[loss] init_temperature must be > 0"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,9 @@ from torch import nn
 
 from .errors import ConfigError
 from .registry import Registry
+
+#: Per-pair loss weights ``[B]``, or a function of the batch's detached per-pair losses giving them.
+Weights = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], None]
 
 
 def same_group_mask(groups: torch.Tensor | None) -> torch.Tensor | None:
@@ -60,21 +63,33 @@ class ContrastiveLoss(nn.Module):
         target = torch.arange(logits.shape[0], device=logits.device)
         return F.cross_entropy(logits, target, reduction="none")
 
-    def symmetric(self, logits: torch.Tensor, **row_options: Any) -> dict[str, torch.Tensor]:
-        """Loss dict from the ``[B, B]`` a→b logits: mean over both directions."""
+    def symmetric(self, logits: torch.Tensor, weight: Weights = None, **row_options: Any) -> dict[str, torch.Tensor]:
+        """Loss dict from the ``[B, B]`` a→b logits: mean over both directions.
+
+        With ``weight``, the loss is the weighted mean of the pairs' losses (a pair judged
+        suspect counts less); ``per_sample`` stays unweighted.
+        """
         per_ab = self.row_losses(logits, **row_options)
         per_ba = self.row_losses(logits.t(), **row_options)
-        return {"loss": (per_ab.mean() + per_ba.mean()) / 2,
-                # Per pair, detached: what self-paced samplers and difficulty trackers observe.
-                "per_sample": ((per_ab + per_ba) / 2).detach(),
-                "logit_scale": self.logit_scale.detach()}
+        per_pair = (per_ab + per_ba) / 2
+        out = {"per_sample": per_pair.detach(),  # what self-paced samplers and difficulty trackers observe
+               "logit_scale": self.logit_scale.detach()}
+        if weight is None:
+            out["loss"] = per_pair.mean()
+        else:
+            w = (weight(per_pair.detach()) if callable(weight) else weight).to(per_pair.dtype).detach()
+            out["loss"] = (w * per_pair).sum() / w.sum().clamp_min(1e-12)
+            out["weight_mean"] = w.mean()
+        return out
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Args: ``a``, ``b``: ``[B, D]`` unit embeddings, row i of each is a pair; ``groups``: ``[B]``.
+    def forward(self, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None,
+                weight: Weights = None) -> dict[str, torch.Tensor]:
+        """Args: ``a``, ``b``: ``[B, D]`` unit embeddings, row i of each is a pair; ``groups``: ``[B]``;
+        ``weight``: per-pair loss weights (see ``symmetric``).
 
         Returns ``loss`` (scalar), ``per_sample`` (``[B]``, detached) and ``logit_scale``.
         """
-        return self.symmetric(self.logits(a, b, groups))
+        return self.symmetric(self.logits(a, b, groups), weight)
 
 
 class HardNegativeLoss(ContrastiveLoss):
@@ -112,10 +127,10 @@ class HardNegativeLoss(ContrastiveLoss):
         return super().row_losses(torch.where(negative, logits + log_w, logits))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None,
-                beta: float | None = None) -> dict[str, torch.Tensor]:
+                weight: Weights = None, beta: float | None = None) -> dict[str, torch.Tensor]:
         """As ``ContrastiveLoss.forward``; ``beta`` overrides the configured β for this call
         (e.g. a hardness that grows over training)."""
-        return self.symmetric(self.logits(a, b, groups), beta=beta)
+        return self.symmetric(self.logits(a, b, groups), weight, beta=beta)
 
 
 class MarginLoss(ContrastiveLoss):
@@ -138,14 +153,14 @@ class MarginLoss(ContrastiveLoss):
         self.margin = float(margin)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None,
-                margin: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                weight: Weights = None, margin: float | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """As ``ContrastiveLoss.forward``; ``margin`` (scalar or ``[B]``) overrides the default."""
         m = self.margin if margin is None else margin
         m = torch.as_tensor(m, dtype=a.dtype, device=a.device).expand(a.shape[0])
         logits = self.logits(a, b, groups)
         # Only the diagonal moves, so both directions see the same margined positive.
         logits = logits - torch.diag_embed(self.logit_scale * m)
-        return self.symmetric(logits)
+        return self.symmetric(logits, weight)
 
 
 # ----- registry -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import LossConfig
+from .curriculum.weights import SampleWeights
 from .evaluate import embed_bank, retrieval_between
 from .losses import create_loss
 from .model import OneEncoderModel
@@ -26,14 +27,16 @@ class PairObjective(nn.Module):
 
     If ``fixed_b`` is given, side ``b`` is a frozen anchor whose embeddings were
     computed once; only side ``a`` runs through the model. With ``margins``
-    (per training pair), the loss gets a dynamic margin that grows with difficulty.
+    (per training pair), the loss gets a dynamic margin that grows with difficulty. With
+    ``weights``, each pair's loss counts by its weight (noise-aware curricula).
     """
 
     def __init__(self, model: OneEncoderModel, loss: nn.Module, pair: tuple[str, str], data: PairSplit,
-                 fixed_b: torch.Tensor | None = None, margins: torch.Tensor | None = None) -> None:
+                 fixed_b: torch.Tensor | None = None, margins: torch.Tensor | None = None,
+                 weights: SampleWeights | None = None) -> None:
         super().__init__()
         self.model, self.loss, self.pair = model, loss, pair
-        self.data = data
+        self.data, self.weights = data, weights
         self.register_buffer("groups", data.group_codes, persistent=False)
         self.register_buffer("fixed_b", fixed_b, persistent=False)
         self.register_buffer("margins", margins, persistent=False)
@@ -48,6 +51,8 @@ class PairObjective(nn.Module):
         index = index.to(self.groups.device)
         ea, eb = self.embed(index)
         extra = {"margin": self.margins[index]} if self.margins is not None else {}
+        if self.weights is not None:
+            extra["weight"] = self.weights.batch(index)
         return self.loss(ea, eb, self.groups[index], **extra)
 
 

@@ -108,23 +108,31 @@ def _aligned(table: DifficultyTable, weights: dict[str, float], ids: list[str]) 
     return torch.tensor([float(combined[where[sid]]) for sid in ids], dtype=torch.float32)
 
 
+TRUST_SCORER, TRUST_MEASUREMENT = "pair_agreement", "clean_probability"
+
+
+def required_scorers(config: StageConfig) -> set[str]:
+    """Scorers the stage cannot run without: those it weights, and ``pair_agreement`` for trust weights."""
+    return set(config.curriculum.scorers) | ({TRUST_SCORER} if "trust" in config.curriculum.weighting else set())
+
+
 def stage_difficulty(config: StageConfig, records: list[dict], modalities: dict[str, Modality] | None = None,
                      scorers: list[str] | None = None, force: bool = False) -> tuple[DifficultyTable, Path]:
     """Difficulty scores of the stage's training pairs, computed once and stored next to the cache.
 
     Every registered scorer that applies to the stage's modalities is computed (for
-    reports); those the stage weights, or ``scorers`` names, must apply. A stored table
-    is reused when it covers the same pairs and every scorer the stage weights.
+    reports); those the stage needs (``required_scorers``), or ``scorers`` names, must
+    apply. A stored table is reused when it covers the same pairs and every needed scorer.
     """
     modalities = modalities or stage_modalities(config)
     path = difficulty_path(config.data.cache_dir, tuple(config.modalities))
-    required = set(config.curriculum.scorers) | set(scorers or [])
+    required = required_scorers(config) | set(scorers or [])
     train = [r for r in records if r.get("split") == "train"]
     if path.exists() and not force:
         table = DifficultyTable.load(path)
         cached_ids = set(load_pair_split(records, "train", modalities, config.data.cache_dir).ids)
         same_features = table.meta.get("fingerprints") == {n: m.fingerprint() for n, m in modalities.items()}
-        if same_features and set(table.ids) == cached_ids and all(s in table.scores for s in config.curriculum.scorers):
+        if same_features and set(table.ids) == cached_ids and all(s in table.scores for s in required):
             return table, path
     table = compute_difficulty(train, config.data.cache_dir, modalities, scorers or list_scorers(), required=required)
     table.save(path)
@@ -136,6 +144,15 @@ def train_difficulty(config: StageConfig, records: list[dict], modalities: dict[
     """``[N]`` combined difficulty of the training pairs, in the split's order."""
     table, _ = stage_difficulty(config, records, modalities)
     return _aligned(table, config.curriculum.scorers, train.ids)
+
+
+def train_trust(config: StageConfig, records: list[dict], modalities: dict[str, Modality],
+                train: PairSplit) -> torch.Tensor:
+    """``[N]`` probability that each training pair is correct (``pair_agreement``), in the split's order."""
+    table, _ = stage_difficulty(config, records, modalities)
+    clean = table.measurements[TRUST_SCORER][TRUST_MEASUREMENT]
+    where = {sid: i for i, sid in enumerate(table.ids)}
+    return torch.tensor([float(clean[where[sid]]) for sid in train.ids], dtype=torch.float32)
 
 
 def pooled_frozen(train: PairSplit) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .checkpoint import META, load_model, modality_meta, read_meta, save_model
 from .config import StageConfig
 from .curriculum.online import LossPredictor
 from .curriculum.samplers import build_sampler, mine_neighbours
+from .curriculum.weights import build_weights
 from .errors import ConfigError, OneEncoderError
 from .evaluate import embed_bank, evaluate_samples
 from .fileio import write_json_atomic
@@ -30,7 +31,7 @@ from .model import OneEncoderModel, build_model
 from .modality import Modality
 from .objective import PairObjective, retrieval_validator, stage_loss
 from .pairs import (frozen_neighbours, load_pair_split, locked_anchor, model_modalities, pooled_frozen,
-                    require_pairs, stage_modalities, train_difficulty)
+                    require_pairs, stage_modalities, train_difficulty, train_trust)
 from .runs import changed_settings, remove_model_files, run_settings, RUN_SETTINGS
 from .runtime import deterministic_on_cpu, pick_device, seed_everything
 from .train import Trainer
@@ -155,12 +156,14 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     difficulty = train_difficulty(config, records, modalities, train) if needs_difficulty else None
     neighbours = frozen_neighbours(train, cur.hn_k) if cur.hard_negatives > 0 else None
     margins = lc.max_margin * difficulty if lc.name == "margin" and difficulty is not None else None
+    trust = train_trust(config, records, modalities, train) if "trust" in cur.weighting else None
+    weights = build_weights(cur.weighting, trust, cur.superloss_lambda, cur.weight_floor, cur.trust_threshold)
     pair = (names[0], names[1]) if anchor != names[0] else (names[1], names[0])
     fixed = None
     if anchor is not None:  # frozen anchor: embed it once, then it is a constant
         model.eval()
         fixed = embed_bank(model, anchor, train.banks[anchor], config.train.eval_batch_size).detach()
-    objective = PairObjective(model, loss, pair, train, fixed_b=fixed, margins=margins)
+    objective = PairObjective(model, loss, pair, train, fixed_b=fixed, margins=margins, weights=weights)
     predictor = (LossPredictor(pooled_frozen(train), seed=config.train.seed)
                  if cur.pacer == "self_paced" and cur.loss_predictor else None)
     sampler = build_sampler(cur, len(train.ids), config.train.batch_size, config.train.seed,

@@ -51,16 +51,17 @@ def test_score_and_report_commands_write_a_page_with_its_figures(small_manifest,
     common = ["--manifest", str(small_manifest), "--cache-dir", str(small_cache)]
     result = runner.invoke(app, ["curriculum", "score", "--stage", "image_text", *common])
     assert result.exit_code == 0, result.output
-    assert "scored" in result.output
+    assert "scored" in result.output and "of the pairs look wrong" in result.output
     out = tmp_path / "report"
     result = runner.invoke(app, ["curriculum", "report", "--stage", "image_text", "--out", str(out), *common])
     assert result.exit_code == 0, result.output
     page = (out / "index.html").read_text(encoding="utf-8")
-    for png in ("difficulty_distribution", "scorer_correlations", "pacing_schedule", "easiest", "hardest"):
+    for png in ("difficulty_distribution", "scorer_correlations", "pacing_schedule", "easiest", "hardest",
+                "suspects"):
         assert f'src="{png}.png"' in page
         data = (out / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
-    assert page.count("<tr><td>") == 24  # 12 easiest + 12 hardest rows
+    assert page.count("<tr><td>") == 36  # 12 easiest + 12 hardest + 12 most suspect rows
 
 
 def test_unknown_pacer_is_a_one_line_error(small_manifest, small_cache, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Curriculum learning: difficulty scorers, pacing functions, batch samplers and the online loss predictor."""
 
+from . import agreement  # noqa: F401  (registers the pair_agreement scorer)
 from .difficulty import DifficultyTable, compute_difficulty, difficulty_path
 from .online import LossPredictor
 from .pacers import create_pacer, list_pacers, register_pacer, schedule

@@ -208,6 +208,17 @@ def pooled_features(cache: FeatureCache, ids: list[str], chunk: int = 1024) -> n
     return out
 
 
+def language_vectors(cache: FeatureCache, ids: list[str], language_slice: tuple[int, int],
+                     chunk: int = 1024) -> np.ndarray:
+    """``[N, W]`` float32 sentence-space part (``Modality.language_slice``) of each sample's first token."""
+    start_dim, end_dim = language_slice
+    out = np.empty((len(ids), end_dim - start_dim), dtype=np.float32)
+    for start in range(0, len(ids), chunk):
+        for j, tokens in enumerate(cache.get_many(ids[start : start + chunk])):
+            out[start + j] = tokens[0, start_dim:end_dim].float().numpy()
+    return out
+
+
 def compute_difficulty(
     records: list[dict],
     cache_root: str | Path,
@@ -277,7 +288,9 @@ def _load_context(records: list[dict], cache_root: str | Path, modalities: dict[
         ids = [r["id"] for r in rows]
         features = {n: pooled_features(c, ids) for n, c in caches.items()}
         measurements = {n: c.measurements(ids) for n, c in caches.items()}
+        slices = {n: modalities[n].language_slice() for n in caches}
+        language = {n: language_vectors(c, ids, slices[n]) for n, c in caches.items() if slices[n] is not None}
     finally:
         for cache in caches.values():
             cache.close()
-    return ScoringContext(rows, features, measurements)
+    return ScoringContext(rows, features, measurements, language=language)

@@ -1,9 +1,9 @@
 """An explainable curriculum report: one HTML page with PNG figures.
 
 Figures: difficulty distribution per scorer, Spearman correlations between
-scorers, the pacing schedule over training steps, and the 12 easiest and 12
+scorers, the pacing schedule over training steps, the 12 easiest and 12
 hardest samples as thumbnails with their captions and the measurements that
-made them easy or hard.
+made them easy or hard, and the 12 pairs most suspect of being wrong.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _thumb(record: dict, size: int = 96) -> np.ndarray:
 
 
 def plot_extremes(table: DifficultyTable, combined: np.ndarray, records: dict[str, dict], which: str,
-                  path: Path, prefer: list[str], n: int = 12) -> list[int]:
+                  path: Path, prefer: list[str], n: int = 12, title: str | None = None) -> list[int]:
     """Thumbnails of the n easiest or hardest samples with caption and measurements."""
     plt = _pyplot()
     order = np.argsort(combined, kind="stable")
@@ -135,7 +135,7 @@ def plot_extremes(table: DifficultyTable, combined: np.ndarray, records: dict[st
         caption = caption if len(caption) <= 34 else caption[:32] + "…"
         facts = _top_measurements(table, i, prefer)
         ax.set_title(f"{caption}\nscore {combined[i]:.2f}\n{facts}", fontsize=6.5)
-    fig.suptitle(f"{n} {which} samples", fontsize=11)
+    fig.suptitle(title or f"{n} {which} samples", fontsize=11)
     _save(fig, path)
     return [int(i) for i in picks]
 
@@ -145,6 +145,21 @@ def _top_measurements(table: DifficultyTable, i: int, prefer: list[str], limit: 
     scorers = [s for s in prefer if s in table.measurements] + [s for s in table.measurements if s not in prefer]
     parts = [f"{name}={float(arr[i]):.3g}" for s in scorers for name, arr in table.measurements[s].items()]
     return "\n".join(parts[:limit])
+
+
+SUSPECT_SCORER = "pair_agreement"
+
+
+def _suspect_section(table: DifficultyTable, suspects: list[int], rows: Any) -> str:
+    if not suspects:
+        return ""
+    clean = table.measurements[SUSPECT_SCORER]["clean_probability"]
+    return (f"<h2>12 most suspect pairs</h2><p>By <code>{SUSPECT_SCORER}</code>: the two sides agree least "
+            f"(CSLS in frozen spaces, cross-fitted probe). Estimated share of wrong pairs: "
+            f"<b>{1 - float(np.mean(clean)):.1%}</b> (mean of 1 − clean probability). The <code>trust</code> "
+            f"weighting uses each pair's clean probability as its loss weight.</p>"
+            f"<img src=\"suspects.png\" alt=\"suspects\"><table><tr><th>id</th><th>caption</th><th>score</th>"
+            f"<th>measurements</th></tr>{rows(suspects)}</table>")
 
 
 def write_report(table: DifficultyTable, records: list[dict], out_dir: str | Path, *, stage_name: str,
@@ -160,6 +175,10 @@ def write_report(table: DifficultyTable, records: list[dict], out_dir: str | Pat
     plot_schedule(pacer, pacer_options, total_steps, hard_negatives, out / "pacing_schedule.png")
     easiest = plot_extremes(table, combined, by_id, "easiest", out / "easiest.png", list(weights))
     hardest = plot_extremes(table, combined, by_id, "hardest", out / "hardest.png", list(weights))
+    suspects: list[int] = []
+    if SUSPECT_SCORER in table.scores:  # which pairs look wrong, and the measurements behind it
+        suspects = plot_extremes(table, table.scores[SUSPECT_SCORER], by_id, "hardest", out / "suspects.png",
+                                 [SUSPECT_SCORER], title="12 most suspect pairs (least agreement)")
 
     def rows(idx: list[int]) -> str:
         lines = []
@@ -184,6 +203,7 @@ Pacer <b>{html.escape(pacer)}</b> over {total_steps} steps; hard-negative share 
 <h2>Pacing schedule</h2><img src="pacing_schedule.png" alt="pacing schedule">
 <h2>12 easiest samples</h2><img src="easiest.png" alt="easiest"><table><tr><th>id</th><th>caption</th><th>score</th><th>measurements</th></tr>{rows(easiest)}</table>
 <h2>12 hardest samples</h2><img src="hardest.png" alt="hardest"><table><tr><th>id</th><th>caption</th><th>score</th><th>measurements</th></tr>{rows(hardest)}</table>
+{_suspect_section(table, suspects, rows)}
 </body></html>
 """
     write_text_atomic(out / "index.html", page)

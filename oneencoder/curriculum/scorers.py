@@ -75,12 +75,15 @@ class ScoringContext:
         features: Modality -> ``[N, D]`` float32 pooled frozen features.
         measurements: Modality -> per-sample measurement dicts from the cache.
         corpus: Captions for word-frequency statistics (default: the records' captions).
+        language: Modality -> ``[N, W]`` frozen vectors in the text backbone's sentence space,
+            for modalities that have one (``Modality.language_slice``).
     """
 
     records: list[dict]
     features: dict[str, np.ndarray] = field(default_factory=dict)
     measurements: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     corpus: list[str] | None = None
+    language: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
