@@ -186,7 +186,11 @@ def recovery(table: dict) -> str:
     pick = max(aware, key=lambda a: table[a]["val_R@1"])
     base = max(("random", "random+hnnce"), key=lambda a: table.get(a, {}).get("i2t_R@1_mean", -1.0))
     got, floor, ceiling = (table[a]["i2t_R@1_mean"] for a in (pick, base, "oracle"))
-    share = (got - floor) / (ceiling - floor) if ceiling != floor else float("nan")
+    if ceiling <= floor:
+        return (f"Here the oracle ({ceiling:.3f}) is no better than the better random arm ({base}, {floor:.3f}) "
+                f"on test i→t R@1, so there is nothing to recover; the best noise-aware arm on validation, "
+                f"{pick}, has {got:.3f}.")
+    share = (got - floor) / (ceiling - floor)
     return (f"Best noise-aware arm on validation: **{pick}**, test i→t R@1 {got:.3f}; better random arm "
             f"({base}) {floor:.3f}; oracle {ceiling:.3f}: it recovers **{share:.0%}** of what the noise costs "
             "(bar: 50 %).")

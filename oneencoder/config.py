@@ -71,6 +71,7 @@ class CurriculumConfig:
     superloss_lambda: float = 1.0  # superloss: how sharply a loss above the batch mean is down-weighted
     weight_floor: float = 0.0  # no pair's weight falls below this
     trust_threshold: float = 0.0  # trust: 0 = weight by clean probability; > 0 = 1 at or above it, else weight_floor
+    group_balance: float = 0.0  # weight a pair whose caption g training pairs share by g^-group_balance (0 = off)
 
 
 @dataclass
@@ -204,6 +205,7 @@ def _check_values(config: StageConfig, source: str) -> None:
         (config.curriculum.superloss_lambda > 0, "[curriculum] superloss_lambda must be > 0"),
         (0.0 <= config.curriculum.weight_floor < 1.0, "[curriculum] weight_floor must be in [0, 1)"),
         (0.0 <= config.curriculum.trust_threshold < 1.0, "[curriculum] trust_threshold must be in [0, 1)"),
+        (0.0 <= config.curriculum.group_balance <= 1.0, "[curriculum] group_balance must be in [0, 1]"),
         (all(isinstance(w, (int, float)) and w >= 0 for w in config.curriculum.scorers.values()),
          "[curriculum] scorers must map scorer names to non-negative weights"),
         (config.loss.init_temperature > 0, "[loss] init_temperature must be > 0"),

@@ -22,16 +22,16 @@ from .checkpoint import META, load_model, modality_meta, read_meta, save_model
 from .config import StageConfig
 from .curriculum.online import LossPredictor
 from .curriculum.samplers import build_sampler, mine_neighbours
-from .curriculum.weights import build_weights
+from .curriculum.weights import build_weights, group_balance_weights
 from .errors import ConfigError, OneEncoderError
 from .evaluate import embed_bank, evaluate_samples
-from .fileio import write_json_atomic
+from .fileio import sha256_file, write_json_atomic
 from .manifest import manifest_hash, read_manifest
 from .model import OneEncoderModel, build_model
 from .modality import Modality
 from .objective import PairObjective, retrieval_validator, stage_loss
 from .pairs import (frozen_neighbours, load_pair_split, locked_anchor, model_modalities, pooled_frozen,
-                    require_pairs, stage_modalities, train_difficulty, train_trust)
+                    require_pairs, stage_difficulty, stage_modalities, train_difficulty, train_trust)
 from .runs import changed_settings, remove_model_files, run_settings, RUN_SETTINGS
 from .runtime import deterministic_on_cpu, pick_device, seed_everything
 from .train import Trainer
@@ -104,6 +104,12 @@ def _resolve_run(config: StageConfig, run_dir: Path, settings: dict[str, Any], r
     return resuming, False
 
 
+def _uses_difficulty(config: StageConfig) -> bool:
+    """Whether the stage reads the difficulty table (a pacer's order, margins, trust weights)."""
+    cur = config.curriculum
+    return cur.pacer != "random" or config.loss.name == "margin" or "trust" in cur.weighting
+
+
 def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True, overwrite: bool = False,
               replace: bool = False, restart_if_changed: bool = False, progress: bool = True,
               init_from: str | Path | None = None) -> dict[str, Any]:
@@ -139,6 +145,9 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     metas = {n: modality_meta(m) for n, m in modalities.items()}
     data_hash = manifest_hash(records)
     settings = run_settings(config, data_hash, metas)
+    if _uses_difficulty(config):  # a re-scored table would change the curriculum under a resumed run
+        _, table_path = stage_difficulty(config, records, modalities)
+        settings["difficulty_sha256"] = sha256_file(table_path)
     if init_from is not None:
         settings["init_from"] = read_meta(init_from)["files"]  # the weights it starts from
     resuming, started_over = _resolve_run(config, run_dir, settings, resuming, restart_if_changed)
@@ -157,7 +166,9 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     neighbours = frozen_neighbours(train, cur.hn_k) if cur.hard_negatives > 0 else None
     margins = lc.max_margin * difficulty if lc.name == "margin" and difficulty is not None else None
     trust = train_trust(config, records, modalities, train) if "trust" in cur.weighting else None
-    weights = build_weights(cur.weighting, trust, cur.superloss_lambda, cur.weight_floor, cur.trust_threshold)
+    balance = group_balance_weights(train.group_codes, cur.group_balance) if cur.group_balance > 0 else None
+    weights = build_weights(cur.weighting, trust, cur.superloss_lambda, cur.weight_floor, cur.trust_threshold,
+                            balance)
     pair = (names[0], names[1]) if anchor != names[0] else (names[1], names[0])
     fixed = None
     if anchor is not None:  # frozen anchor: embed it once, then it is a constant

@@ -15,7 +15,8 @@ import torch
 from oneencoder.curriculum.agreement import clean_probability, cross_fit_probe, csls
 from oneencoder.curriculum.difficulty import _load_context
 from oneencoder.curriculum.scorers import create_scorer
-from oneencoder.curriculum.weights import SampleWeights, build_weights, lambert_w0, superloss_confidence
+from oneencoder.curriculum.weights import (SampleWeights, build_weights, group_balance_weights, lambert_w0,
+                                           superloss_confidence)
 from oneencoder.errors import ConfigError
 from oneencoder.losses import create_loss
 
@@ -150,6 +151,12 @@ def test_sample_weights_multiply_trust_and_superloss_with_a_floor() -> None:
     selected = build_weights("trust", trust, 1.0, 0.05, threshold=0.5).batch(torch.arange(4))(losses)
     assert torch.allclose(selected, torch.tensor([1.0, 1.0, 0.05, 1.0]))  # hard selection, floor below
     assert build_weights("none", None, 1.0, 0.0) is None
+    balance = group_balance_weights(torch.tensor([7, 7, 7, 7, 3]), 0.5)  # a template shared by four pairs
+    assert torch.allclose(balance, torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0]))
+    balanced = build_weights("none", None, 1.0, 0.0, balance=balance).batch(torch.tensor([0, 4]))(losses[:2])
+    assert torch.allclose(balanced, torch.tensor([0.5, 1.0]))
+    both = build_weights("trust", torch.tensor([1.0, 0.2, 1.0, 1.0, 0.5]), 1.0, 0.0, balance=balance)
+    assert torch.allclose(both.batch(torch.tensor([1, 4]))(losses[:2]), torch.tensor([0.1, 0.5]))
     with pytest.raises(ConfigError, match="needs the pair_agreement"):
         build_weights("trust", None, 1.0, 0.0)
     with pytest.raises(ConfigError, match="use one of"):
@@ -191,7 +198,29 @@ def test_report_shows_the_most_suspect_pairs(small_records, small_cache, stage_m
     ("superloss_lambda", 0.0, "superloss_lambda must be > 0"),
     ("weight_floor", 1.0, "weight_floor must be in"),
     ("trust_threshold", -0.1, "trust_threshold must be in"),
+    ("group_balance", 1.5, "group_balance must be in"),
 ])
 def test_weighting_options_are_checked(small_manifest, small_cache, make_config, option, value, message) -> None:
     with pytest.raises(ConfigError, match=message):
         make_config(small_manifest, small_cache, sections={"curriculum": {option: value}})
+
+
+def test_a_rescored_table_stops_a_resume(small_manifest: Path, small_cache: Path, make_config, tmp_path: Path) -> None:
+    """Trust weights come from the difficulty table; a run must not resume on a different one."""
+    import shutil
+
+    from oneencoder.curriculum.difficulty import DifficultyTable, difficulty_path
+    from oneencoder.errors import OneEncoderError
+    from oneencoder.stage import run_stage
+
+    cache = tmp_path / "cache"
+    shutil.copytree(small_cache, cache)
+    config = make_config(small_manifest, cache, epochs=1, sections={"curriculum": {"weighting": "trust"}})
+    run_stage(config, tmp_path / "model", progress=False)
+    path = difficulty_path(cache, tuple(config.modalities))
+    table = DifficultyTable.load(path)
+    table.measurements["pair_agreement"]["clean_probability"][:] = 1.0  # as if re-scored differently
+    table.save(path)
+    assert DifficultyTable.load(path) == table
+    with pytest.raises(OneEncoderError, match="changed: difficulty_sha256"):
+        run_stage(config, tmp_path / "model", progress=False)

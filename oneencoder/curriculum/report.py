@@ -118,7 +118,7 @@ def _thumb(record: dict, size: int = 96) -> np.ndarray:
 
 
 def plot_extremes(table: DifficultyTable, combined: np.ndarray, records: dict[str, dict], which: str,
-                  path: Path, prefer: list[str], n: int = 12, title: str | None = None) -> list[int]:
+                  path: Path, prefer: list[str], n: int = 12, title: str | None = None, limit: int = 3) -> list[int]:
     """Thumbnails of the n easiest or hardest samples with caption and measurements."""
     plt = _pyplot()
     order = np.argsort(combined, kind="stable")
@@ -133,7 +133,7 @@ def plot_extremes(table: DifficultyTable, combined: np.ndarray, records: dict[st
         ax.imshow(_thumb(rec))
         caption = str(rec.get("caption", ""))
         caption = caption if len(caption) <= 34 else caption[:32] + "…"
-        facts = _top_measurements(table, i, prefer)
+        facts = _top_measurements(table, i, prefer, limit)
         ax.set_title(f"{caption}\nscore {combined[i]:.2f}\n{facts}", fontsize=6.5)
     fig.suptitle(title or f"{n} {which} samples", fontsize=11)
     _save(fig, path)
@@ -178,7 +178,7 @@ def write_report(table: DifficultyTable, records: list[dict], out_dir: str | Pat
     suspects: list[int] = []
     if SUSPECT_SCORER in table.scores:  # which pairs look wrong, and the measurements behind it
         suspects = plot_extremes(table, table.scores[SUSPECT_SCORER], by_id, "hardest", out / "suspects.png",
-                                 [SUSPECT_SCORER], title="12 most suspect pairs (least agreement)")
+                                 [SUSPECT_SCORER], title="12 most suspect pairs (least agreement)", limit=4)
 
     def rows(idx: list[int]) -> str:
         lines = []

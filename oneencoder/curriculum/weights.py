@@ -10,6 +10,8 @@ is. Two sources, which multiply:
   function and ``τ`` the batch's mean loss, so pairs far above the batch's typical loss
   (likely wrong) count less, and easy ones a little more. ``λ`` sets how sharply.
 
+A third, ``group_balance``, weights a pair whose caption ``g`` training pairs share by
+``g^-ρ``, so a template title on hundreds of images does not outweigh distinct captions.
 Every pair stays in the sampling pool; ``floor`` keeps every weight at least that large.
 
 Example:
@@ -53,7 +55,7 @@ class SampleWeights:
     """Loss weights of the pairs of each batch (see the module docstring).
 
     Args:
-        trust: ``[N]`` fixed weights per training pair in [0, 1], or None.
+        trust: ``[N]`` fixed weights per training pair in [0, 1] (trust, group balance), or None.
         superloss: SuperLoss ``λ`` (> 0), or None for no self-paced confidence.
         floor: Smallest weight any pair gets, in [0, 1).
     """
@@ -86,21 +88,37 @@ class SampleWeights:
         return weigh
 
 
+def group_balance_weights(groups: torch.Tensor, power: float) -> torch.Tensor:
+    """``g^-power`` (at most 1) for a pair whose caption group has ``g`` training pairs.
+
+    A template caption shared by hundreds of images then counts, in all, about as much as
+    ``hundreds^(1 - power)`` distinct captions (class-balanced weighting, applied to caption groups).
+    """
+    groups = torch.as_tensor(groups).long().cpu()
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    return counts[inverse].float().pow(-float(power))
+
+
 def build_weights(weighting: str, trust: torch.Tensor | None, superloss_lambda: float,
-                  floor: float, threshold: float = 0.0) -> SampleWeights | None:
-    """The stage's ``[curriculum] weighting`` as :class:`SampleWeights` (None for ``"none"``).
+                  floor: float, threshold: float = 0.0, balance: torch.Tensor | None = None) -> SampleWeights | None:
+    """The stage's ``[curriculum] weighting`` as :class:`SampleWeights` (None for ``"none"`` without balance).
 
     With ``threshold > 0`` trust is a hard selection: weight 1 for a clean probability at
-    or above it, else ``floor`` (the pairs below still stay in the pool).
+    or above it, else ``floor`` (the pairs below still stay in the pool). ``balance``
+    (``group_balance_weights``) multiplies the fixed per-pair weights.
     """
     if weighting not in WEIGHTINGS:
         raise ConfigError(f"[curriculum] weighting = {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
-    if weighting == "none":
-        return None
     uses_trust = "trust" in weighting
     if uses_trust and trust is None:
         raise ConfigError(f"[curriculum] weighting = {weighting!r} needs the pair_agreement scorer's clean "
                           "probabilities")
     if uses_trust and threshold > 0:
         trust = (torch.as_tensor(trust) >= threshold).float()
-    return SampleWeights(trust if uses_trust else None, superloss_lambda if "superloss" in weighting else None, floor)
+    fixed = torch.as_tensor(trust).float() if uses_trust else None
+    if balance is not None:
+        fixed = balance.float() if fixed is None else fixed * balance.float()
+    superloss = superloss_lambda if "superloss" in weighting else None
+    if fixed is None and superloss is None:
+        return None
+    return SampleWeights(fixed, superloss, floor)
