@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .bank import FeatureBank
@@ -101,11 +102,10 @@ def shortfall(records: list[dict], modalities: dict[str, Modality], split: PairS
             "run `oneencoder cache build` for this stage and manifest, and see its rejects files")
 
 
-def _aligned(table: DifficultyTable, weights: dict[str, float], ids: list[str]) -> torch.Tensor:
-    """Combined difficulty in [0, 1] for ``ids`` in that order."""
-    combined = table.combined(weights)
+def _aligned(values: np.ndarray, table: DifficultyTable, ids: list[str]) -> torch.Tensor:
+    """``values`` (one per table row) in the order of ``ids``."""
     where = {sid: i for i, sid in enumerate(table.ids)}
-    return torch.tensor([float(combined[where[sid]]) for sid in ids], dtype=torch.float32)
+    return torch.tensor([float(values[where[sid]]) for sid in ids], dtype=torch.float32)
 
 
 TRUST_SCORER, TRUST_MEASUREMENT = "pair_agreement", "clean_probability"
@@ -139,20 +139,14 @@ def stage_difficulty(config: StageConfig, records: list[dict], modalities: dict[
     return table, path
 
 
-def train_difficulty(config: StageConfig, records: list[dict], modalities: dict[str, Modality],
-                     train: PairSplit) -> torch.Tensor:
-    """``[N]`` combined difficulty of the training pairs, in the split's order."""
-    table, _ = stage_difficulty(config, records, modalities)
-    return _aligned(table, config.curriculum.scorers, train.ids)
+def train_difficulty(config: StageConfig, table: DifficultyTable, train: PairSplit) -> torch.Tensor:
+    """``[N]`` combined difficulty in [0, 1] of the training pairs (``stage_difficulty``'s table), in the split's order."""
+    return _aligned(table.combined(config.curriculum.scorers), table, train.ids)
 
 
-def train_trust(config: StageConfig, records: list[dict], modalities: dict[str, Modality],
-                train: PairSplit) -> torch.Tensor:
+def train_trust(table: DifficultyTable, train: PairSplit) -> torch.Tensor:
     """``[N]`` probability that each training pair is correct (``pair_agreement``), in the split's order."""
-    table, _ = stage_difficulty(config, records, modalities)
-    clean = table.measurements[TRUST_SCORER][TRUST_MEASUREMENT]
-    where = {sid: i for i, sid in enumerate(table.ids)}
-    return torch.tensor([float(clean[where[sid]]) for sid in train.ids], dtype=torch.float32)
+    return _aligned(table.measurements[TRUST_SCORER][TRUST_MEASUREMENT], table, train.ids)
 
 
 def pooled_frozen(train: PairSplit) -> torch.Tensor:

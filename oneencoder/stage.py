@@ -145,8 +145,9 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     metas = {n: modality_meta(m) for n, m in modalities.items()}
     data_hash = manifest_hash(records)
     settings = run_settings(config, data_hash, metas)
-    if _uses_difficulty(config):  # a re-scored table would change the curriculum under a resumed run
-        _, table_path = stage_difficulty(config, records, modalities)
+    table = None
+    if _uses_difficulty(config):  # computed once; a re-scored table would change a resumed run's curriculum
+        table, table_path = stage_difficulty(config, records, modalities)
         settings["difficulty_sha256"] = sha256_file(table_path)
     if init_from is not None:
         settings["init_from"] = read_meta(init_from)["files"]  # the weights it starts from
@@ -162,10 +163,10 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     lc, cur = config.loss, config.curriculum
     loss = stage_loss(lc)
     needs_difficulty = cur.pacer != "random" or lc.name == "margin"
-    difficulty = train_difficulty(config, records, modalities, train) if needs_difficulty else None
+    difficulty = train_difficulty(config, table, train) if needs_difficulty else None
     neighbours = frozen_neighbours(train, cur.hn_k) if cur.hard_negatives > 0 else None
     margins = lc.max_margin * difficulty if lc.name == "margin" and difficulty is not None else None
-    trust = train_trust(config, records, modalities, train) if "trust" in cur.weighting else None
+    trust = train_trust(table, train) if "trust" in cur.weighting else None
     balance = group_balance_weights(train.group_codes, cur.group_balance) if cur.group_balance > 0 else None
     weights = build_weights(cur.weighting, trust, cur.superloss_lambda, cur.weight_floor, cur.trust_threshold,
                             balance)
