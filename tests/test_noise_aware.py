@@ -143,9 +143,9 @@ def test_weighted_loss_is_a_weighted_mean_of_pair_losses() -> None:
 def test_sample_weights_multiply_trust_and_superloss_with_a_floor() -> None:
     trust = torch.tensor([1.0, 0.5, 0.0, 0.9])
     losses = torch.tensor([1.0, 1.0, 1.0, 1.0])
-    only_trust = SampleWeights(trust=trust, floor=0.1).batch(torch.tensor([0, 2, 1]))(losses[:3])
+    only_trust = SampleWeights(fixed=trust, floor=0.1).batch(torch.tensor([0, 2, 1]))(losses[:3])
     assert torch.allclose(only_trust, torch.tensor([1.0, 0.1, 0.5]))
-    both = SampleWeights(trust=trust, superloss=1.0).batch(torch.tensor([0, 1]))(torch.tensor([0.5, 1.5]))
+    both = SampleWeights(fixed=trust, superloss=1.0).batch(torch.tensor([0, 1]))(torch.tensor([0.5, 1.5]))
     conf = superloss_confidence(torch.tensor([0.5, 1.5]), 1.0, 1.0)
     assert torch.allclose(both, trust[:2] * conf)
     selected = build_weights("trust", trust, 1.0, 0.05, threshold=0.5).batch(torch.arange(4))(losses)
@@ -162,7 +162,7 @@ def test_sample_weights_multiply_trust_and_superloss_with_a_floor() -> None:
     with pytest.raises(ConfigError, match="use one of"):
         build_weights("bogus", None, 1.0, 0.0)
     with pytest.raises(ConfigError, match="must lie in"):
-        SampleWeights(trust=torch.tensor([1.5]))
+        SampleWeights(fixed=torch.tensor([1.5]))
 
 
 def test_trust_weighted_stage_runs_end_to_end(small_manifest: Path, small_cache: Path, make_config,

@@ -1,7 +1,7 @@
 """Per-pair loss weights: how much each pair of a batch counts, for noisy data.
 
 A pacer decides *when* a pair may be drawn; weights decide how much it counts once it
-is. Two sources, which multiply:
+is. Three sources, which multiply:
 
 * ``trust``: a fixed weight per training pair, the ``clean_probability`` that the
   ``pair_agreement`` scorer estimates before training (the pair's chance of being correct).
@@ -10,12 +10,13 @@ is. Two sources, which multiply:
   function and ``τ`` the batch's mean loss, so pairs far above the batch's typical loss
   (likely wrong) count less, and easy ones a little more. ``λ`` sets how sharply.
 
-A third, ``group_balance``, weights a pair whose caption ``g`` training pairs share by
-``g^-ρ``, so a template title on hundreds of images does not outweigh distinct captions.
-Every pair stays in the sampling pool; ``floor`` keeps every weight at least that large.
+* ``group_balance``: ``g^-ρ`` for a pair whose caption ``g`` training pairs share, so a
+  template title on hundreds of images does not outweigh distinct captions.
+
+Trust and group balance are fixed per pair and multiply into one tensor. Every pair stays in the sampling pool; ``floor`` keeps every weight at least that large.
 
 Example:
-    >>> weights = SampleWeights(trust=clean_probability, superloss=1.0)
+    >>> weights = SampleWeights(fixed=clean_probability, superloss=1.0)
     >>> out = loss(ea, eb, groups, weight=weights.batch(index))
 """
 
@@ -55,32 +56,32 @@ class SampleWeights:
     """Loss weights of the pairs of each batch (see the module docstring).
 
     Args:
-        trust: ``[N]`` fixed weights per training pair in [0, 1] (trust, group balance), or None.
+        fixed: ``[N]`` fixed weights per training pair in [0, 1] (trust, group balance), or None.
         superloss: SuperLoss ``λ`` (> 0), or None for no self-paced confidence.
         floor: Smallest weight any pair gets, in [0, 1).
     """
 
-    def __init__(self, trust: torch.Tensor | None = None, superloss: float | None = None, floor: float = 0.0) -> None:
-        if trust is None and superloss is None:
-            raise ConfigError("sample weights need trust weights, a SuperLoss lambda, or both")
+    def __init__(self, fixed: torch.Tensor | None = None, superloss: float | None = None, floor: float = 0.0) -> None:
+        if fixed is None and superloss is None:
+            raise ConfigError("sample weights need fixed per-pair weights, a SuperLoss lambda, or both")
         if superloss is not None and not superloss > 0:
             raise ConfigError(f"[curriculum] superloss_lambda = {superloss} must be > 0")
         if not 0.0 <= floor < 1.0:
             raise ConfigError(f"[curriculum] weight_floor = {floor} must be in [0, 1)")
-        if trust is not None:
-            trust = torch.as_tensor(trust, dtype=torch.float32).reshape(-1)
-            if not bool(torch.isfinite(trust).all()) or bool((trust < 0).any()) or bool((trust > 1).any()):
+        if fixed is not None:
+            fixed = torch.as_tensor(fixed, dtype=torch.float32).reshape(-1)
+            if not bool(torch.isfinite(fixed).all()) or bool((fixed < 0).any()) or bool((fixed > 1).any()):
                 raise ConfigError("trust weights must lie in [0, 1]")
-        self.trust, self.superloss, self.floor = trust, superloss, float(floor)
+        self.fixed, self.superloss, self.floor = fixed, superloss, float(floor)
 
     def batch(self, index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The weights of the batch ``index`` as a function of its detached per-pair losses."""
-        trust = None if self.trust is None else self.trust[index.cpu()]
+        fixed = None if self.fixed is None else self.fixed[index.cpu()]
 
         def weigh(losses: torch.Tensor) -> torch.Tensor:
             w = torch.ones_like(losses)
-            if trust is not None:
-                w = w * trust.to(losses.device, losses.dtype)
+            if fixed is not None:
+                w = w * fixed.to(losses.device, losses.dtype)
             if self.superloss is not None:
                 w = w * superloss_confidence(losses, losses.mean(), self.superloss)
             return w.clamp_min(self.floor)
