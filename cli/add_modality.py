@@ -34,6 +34,8 @@ def add_modality(
     summary = add_modality_to_model(modality, model, data, anchor=anchor, cache_dir=cache_dir, stage=stage,
                                     overrides={"train": {"epochs": epochs, "seed": seed}}, replace=replace,
                                     workers=workers, log=echo)
+    if summary is None:  # a rank > 0 under torchrun: rank 0 reports
+        return
     echo(f"added {modality} (aligned to {summary['pair'][1]}): best epoch {summary['best_epoch']} of "
          f"{summary['epochs_run']}, {summary['train_seconds']} s")
     print_results(summary["test"])

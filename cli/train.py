@@ -46,6 +46,9 @@ def train(
     Example:  oneencoder train --stage image_text --model outputs/demo/model
 
     Fine-tune:  oneencoder train --stage my_stage.toml --model outputs/mine --init-from outputs/demo/model
+
+    Several processes:  torchrun --nproc-per-node 2 -m oneencoder.cli.main train --stage image_text
+    (batch_size is per process; see docs/scale.md)
     """
     quiet_libraries()
     config = load_stage(stage, {
@@ -53,6 +56,8 @@ def train(
         "train": {"epochs": epochs, "seed": seed, "device": device},
     })
     summary = run_stage(config, model, resume=resume, overwrite=overwrite, init_from=init_from)
+    if summary is None:  # a rank > 0 under torchrun: rank 0 reports
+        return
     echo(f"stage {config.name}: best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
          f"{summary['steps']} steps, {summary['train_seconds']} s; model in {model}")
     print_results(summary["test"])

@@ -7,6 +7,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -51,6 +52,9 @@ class TrainConfig:
     device: str = "auto"
     log_every: int = 10
     eval_batch_size: int = 256
+    bank: str = "auto"  # feature banks: auto | memory | disk (memory map beside the cache), see oneencoder/bank.py
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    compile: bool = False  # torch.compile the model (worth it on GPUs for long runs)
 
 
 @dataclass
@@ -98,6 +102,7 @@ class StageConfig:
 
 
 def _section(cls: type[T], raw: Any, where: str) -> T:
+    """``cls`` from a table: an unknown name or a value of another type than the default is an error."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -128,6 +133,9 @@ def load_stage(stage: str | Path, overrides: dict[str, dict[str, Any]] | None = 
     path = resolve_stage_path(stage)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     for section, values in (overrides or {}).items():
@@ -181,39 +189,124 @@ def parse_stage(raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
         plugins=list(plugins),
         source=source,
     )
+    _check_numbers(config, source)
     _check_values(config, source)
     return config
+
+
+# The range of every numeric stage option: (lowest, lowest allowed?, highest, highest allowed?).
+# None is unbounded. A value outside, or not finite (nan, inf), is an error naming the option:
+# a NaN learning rate or a negative warmup would otherwise train garbage, or train silently wrong.
+_POSITIVE, _NON_NEGATIVE, _SHARE, _OPEN_SHARE = (0, False, None, False), (0, True, None, False), \
+    (0, True, 1, True), (0, True, 1, False)
+_AT_LEAST_1 = (1, True, None, False)
+NUMERIC_RANGES: dict[str, dict[str, tuple[float | None, bool, float | None, bool]]] = {
+    "model": {"d_model": _AT_LEAST_1, "layers": _AT_LEAST_1, "heads": _AT_LEAST_1, "mlp_ratio": _POSITIVE,
+              "dropout": _OPEN_SHARE, "language_prior": _OPEN_SHARE, "language_dim": _NON_NEGATIVE},
+    "adapter": {"hidden": _NON_NEGATIVE, "dropout": _OPEN_SHARE},  # hidden 0 = linear adapter
+    # Upper bounds where larger values overflow float32 logits: CLIP clamps the scale at 100;
+    # HN-NCE's exp(beta * logit) puts all weight on one negative long before beta = 100; a
+    # margin on cosines in [-1, 1] above 2 can never be met.
+    "loss": {"init_temperature": _POSITIVE, "max_logit_scale": (0, False, 1e4, True), "beta": (0, True, 100, True),
+             "max_margin": (0, True, 2, True)},
+    "train": {"epochs": _AT_LEAST_1, "batch_size": (2, True, None, False),  # negatives need a second pair
+              "lr": (0, False, 1, True), "weight_decay": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE,
+              "min_lr_ratio": _SHARE, "grad_clip": _NON_NEGATIVE,  # 0 = no clipping
+              "patience": _AT_LEAST_1, "seed": (0, True, 2**32, False),  # numpy's seed range
+              "log_every": _AT_LEAST_1, "eval_batch_size": _AT_LEAST_1},
+    "curriculum": {"hard_negatives": _SHARE, "hn_start": _SHARE, "hn_k": _AT_LEAST_1,
+                   "superloss_lambda": _POSITIVE, "weight_floor": _OPEN_SHARE, "trust_threshold": _OPEN_SHARE,
+                   "group_balance": _SHARE},
+}
+
+
+def range_words(rule: tuple[float | None, bool, float | None, bool]) -> str:
+    """``(0, True, 1, False)`` -> ``"in [0, 1)"``; ``(0, False, None, False)`` -> ``"> 0"``."""
+    lo, lo_in, hi, hi_in = rule
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def in_range(value: float, rule: tuple[float | None, bool, float | None, bool]) -> bool:
+    lo, lo_in, hi, hi_in = rule
+    if not math.isfinite(value):
+        return False
+    above = lo is None or value > lo or (lo_in and value == lo)
+    below = hi is None or value < hi or (hi_in and value == hi)
+    return above and below
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds (in lists and tables), a float that is nan or infinite."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+def check_section(section: str, values: Any, where: str) -> None:
+    """Every number of one section (a dataclass) finite, and in its range (``NUMERIC_RANGES[section]``)."""
+    rules = NUMERIC_RANGES.get(section, {})
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        rule = rules.get(f.name)
+        if rule is not None and not in_range(value, rule):
+            raise ConfigError(f"{where} {f.name} must be {range_words(rule)} (a finite number), got {value!r}")
+        if _non_finite(value):
+            raise ConfigError(f"{where} {f.name} must hold finite numbers, got {value!r}")
+
+
+def check_projection(model: ProjectionConfig, where: str) -> None:
+    """What the projection's shape needs beyond each number's own range."""
+    check_section("model", model, where)
+    if model.pool not in ("mean", "token"):
+        raise ConfigError(f"{where} pool = {model.pool!r}: use 'mean' or 'token'")
+    if model.d_model % model.heads:
+        raise ConfigError(f"{where} d_model = {model.d_model} must be a positive multiple of heads = {model.heads}")
+
+
+def projection_from_dict(raw: Any, where: str) -> ProjectionConfig:
+    """A recorded projection config (``oneencoder.json``), checked as a stage file's ``[model]``."""
+    config = _section(ProjectionConfig, raw, where)
+    check_projection(config, where)
+    return config
+
+
+def adapter_from_dict(raw: Any, where: str) -> AdapterConfig:
+    """A recorded adapter config (``oneencoder.json``), checked as a stage file's ``[adapter]``."""
+    config = _section(AdapterConfig, raw, where)
+    check_section("adapter", config, where)
+    return config
+
+
+def _check_numbers(config: StageConfig, source: str) -> None:
+    """Every number finite (pacer options and scorer weights included) and in its range."""
+    check_projection(config.model, f"{source}: [model]")
+    for section in ("adapter", "loss", "train", "curriculum"):
+        check_section(section, getattr(config, section), f"{source}: [{section}]")
+    if config.train.lr * config.train.weight_decay >= 1:  # AdamW scales each weight by 1 - lr * weight_decay per step
+        raise ConfigError(f"{source}: [train] lr * weight_decay must be < 1 (AdamW scales weights by "
+                          f"1 - lr * weight_decay each step), got {config.train.lr} * {config.train.weight_decay}")
+    for name, options in config.modality_options.items():
+        for key, value in options.items():
+            if _non_finite(value):
+                raise ConfigError(f"{source}: [modalities.{name}] {key} must be finite, got {value!r}")
 
 
 def _check_values(config: StageConfig, source: str) -> None:
     """Values the dataclasses accept by type but the code cannot run with."""
     checks = [
-        (config.model.pool in ("mean", "token"), f"[model] pool = {config.model.pool!r}: use 'mean' or 'token'"),
-        (config.model.d_model > 0 and config.model.heads > 0 and config.model.d_model % config.model.heads == 0,
-         f"[model] d_model = {config.model.d_model} must be a positive multiple of heads = {config.model.heads}"),
-        (config.model.layers >= 1, "[model] layers must be at least 1"),
-        (0.0 <= config.model.language_prior < 1.0, "[model] language_prior must be in [0, 1)"),
-        (0.0 <= config.model.dropout < 1.0 and 0.0 <= config.adapter.dropout < 1.0, "dropout must be in [0, 1)"),
-        (config.adapter.hidden >= 0, "[adapter] hidden must be >= 0 (0 = linear adapter)"),
         (config.loss.name in ("infonce", "hnnce", "margin"),
          f"[loss] name = {config.loss.name!r}: use 'infonce', 'hnnce' or 'margin'"),
-        (0.0 <= config.curriculum.hard_negatives <= 1.0 and 0.0 <= config.curriculum.hn_start <= 1.0,
-         "[curriculum] hard_negatives and hn_start must be in [0, 1]"),
         (config.curriculum.hn_source in ("frozen", "model"), "[curriculum] hn_source must be 'frozen' or 'model'"),
         (config.curriculum.weighting in WEIGHTINGS,
          f"[curriculum] weighting = {config.curriculum.weighting!r}: use one of {', '.join(WEIGHTINGS)}"),
-        (config.curriculum.superloss_lambda > 0, "[curriculum] superloss_lambda must be > 0"),
-        (0.0 <= config.curriculum.weight_floor < 1.0, "[curriculum] weight_floor must be in [0, 1)"),
-        (0.0 <= config.curriculum.trust_threshold < 1.0, "[curriculum] trust_threshold must be in [0, 1)"),
-        (0.0 <= config.curriculum.group_balance <= 1.0, "[curriculum] group_balance must be in [0, 1]"),
         (all(isinstance(w, (int, float)) and w >= 0 for w in config.curriculum.scorers.values()),
          "[curriculum] scorers must map scorer names to non-negative weights"),
-        (config.loss.init_temperature > 0, "[loss] init_temperature must be > 0"),
-        (config.train.epochs >= 1, "[train] epochs must be >= 1"),
-        (config.train.batch_size >= 2, "[train] batch_size must be >= 2 (contrastive loss needs negatives)"),
-        (config.train.lr > 0, "[train] lr must be > 0"),
-        (config.train.patience >= 1, "[train] patience must be >= 1"),
-        (config.train.log_every >= 1 and config.train.eval_batch_size >= 1, "[train] log_every/eval_batch_size must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

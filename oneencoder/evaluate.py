@@ -11,7 +11,7 @@ import torch
 from .bank import FeatureBank
 from .cache import FeatureCache, cache_dir_for
 from .errors import OneEncoderError
-from .metrics import chance_metrics, retrieval_metrics
+from .metrics import chance_metrics_from_counts, mean_pair_score, relevant_counts, retrieval_metrics_by_group
 from .model import OneEncoderModel
 from .modality import Modality
 
@@ -38,29 +38,40 @@ def _first_of_each_group(groups: list[str]) -> list[int]:
     return keep
 
 
+def _rows(emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``emb[index]``, without a copy when ``index`` takes every row in order (big galleries)."""
+    if index.numel() == emb.shape[0] and bool((index == torch.arange(emb.shape[0])).all()):
+        return emb
+    return emb[index.to(emb.device)]
+
+
 def retrieval_between(
     emb_q: torch.Tensor, groups_q: list[str], emb_g: torch.Tensor, groups_g: list[str],
     dedupe_q: bool = False, dedupe_g: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Rank gallery for each query; items of the same group are all relevant.
 
-    With ``dedupe_*``, identical items (e.g. one caption shared by many coins) count once.
+    Streamed (:func:`oneencoder.metrics.retrieval_metrics_by_group`): memory grows with
+    the gallery, never with queries x gallery. Queries without any relevant gallery item
+    are left out. With ``dedupe_*``, identical items (e.g. one caption shared by many
+    coins) count once.
     """
     qi = _first_of_each_group(groups_q) if dedupe_q else list(range(len(groups_q)))
     gi = _first_of_each_group(groups_g) if dedupe_g else list(range(len(groups_g)))
     gq, gg = [groups_q[i] for i in qi], [groups_g[i] for i in gi]
     codes = {g: n for n, g in enumerate(sorted(set(gq) | set(gg)))}
-    cq = torch.tensor([codes[g] for g in gq])
-    cg = torch.tensor([codes[g] for g in gg])
-    relevant = cq[:, None] == cg[None, :]
-    has = relevant.any(1)
-    if not bool(has.any()):
+    cq = torch.tensor([codes[g] for g in gq], dtype=torch.long)
+    cg = torch.tensor([codes[g] for g in gg], dtype=torch.long)
+    counts = relevant_counts(cq, cg)
+    has = (counts > 0).nonzero().squeeze(1)
+    if has.numel() == 0:
         raise OneEncoderError("no query has a relevant gallery item; are both modalities from the same samples?")
-    scores = emb_q[qi][has.nonzero().squeeze(1)] @ emb_g[gi].t()
-    relevant = relevant[has]
-    metrics, chance = retrieval_metrics(scores, relevant), chance_metrics(relevant)
+    queries = _rows(emb_q, torch.tensor(qi, dtype=torch.long)[has])
+    gallery = _rows(emb_g, torch.tensor(gi, dtype=torch.long))
+    metrics = retrieval_metrics_by_group(queries, gallery, cq[has], cg)
+    chance = chance_metrics_from_counts(counts[has], len(gi))
     # Cosine of true pairs; its "chance" is the mean cosine of all pairs.
-    metrics["mean_pos_cos"], chance["mean_pos_cos"] = float(scores[relevant].mean()), float(scores.mean())
+    chance["mean_pos_cos"] = mean_pair_score(queries, gallery)
     return {"metrics": metrics, "chance": chance}
 
 

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import distributed as ddp
 from .config import LossConfig
 from .curriculum.weights import SampleWeights
 from .evaluate import embed_bank, retrieval_between
@@ -29,6 +30,10 @@ class PairObjective(nn.Module):
     computed once; only side ``a`` runs through the model. With ``margins``
     (per training pair), the loss gets a dynamic margin that grows with difficulty. With
     ``weights``, each pair's loss counts by its weight (noise-aware curricula).
+
+    Under ``torchrun``, ``forward`` gets this rank's shard of the global batch, gathers
+    the embeddings with gradient and returns the loss of the whole global batch, so
+    negatives, same-group masks, margins and weights are those of one process's batch.
     """
 
     def __init__(self, model: OneEncoderModel, loss: nn.Module, pair: tuple[str, str], data: PairSplit,
@@ -48,12 +53,19 @@ class PairObjective(nn.Module):
         return ea.float(), eb.float()
 
     def forward(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss dict of the global batch whose shard on this rank is ``index``."""
         index = index.to(self.groups.device)
-        ea, eb = self.embed(index)
-        extra = {"margin": self.margins[index]} if self.margins is not None else {}
+        a, b = self.pair
+        full = ddp.gather(index)  # the global batch, in rank order
+        ea = ddp.gather_with_grad(self.model(a, *self.data.banks[a].gather(index)).float())
+        if self.fixed_b is not None:
+            eb = self.fixed_b[full]
+        else:
+            eb = ddp.gather_with_grad(self.model(b, *self.data.banks[b].gather(index)).float())
+        extra = {"margin": self.margins[full]} if self.margins is not None else {}
         if self.weights is not None:
-            extra["weight"] = self.weights.batch(index)
-        return self.loss(ea, eb, self.groups[index], **extra)
+            extra["weight"] = self.weights.batch(full)
+        return self.loss(ea, eb, self.groups[full], **extra)
 
 
 def score(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bank import FeatureBank
+from .bank import FeatureBank, load_banks
 from .cache import FeatureCache, cache_dir_for
 from .checkpoint import META, modality_from_meta, read_meta
 from .config import StageConfig
@@ -70,8 +70,12 @@ def stage_modalities(config: StageConfig, model_dir: str | Path | None = None,
 
 
 def load_pair_split(records: list[dict], split: str, modalities: dict[str, Modality], cache_root: str | Path,
-                    device: torch.device | str = "cpu") -> PairSplit:
-    """Samples of ``split`` that are cached (not rejected) for every modality, as banks."""
+                    device: torch.device | str = "cpu", bank: str = "memory") -> PairSplit:
+    """Samples of ``split`` that are cached (not rejected) for every modality, as banks.
+
+    ``bank``: ``memory``, ``disk`` (a memory map exported beside the cache) or ``auto``
+    (disk when the banks would not fit in memory), as ``[train] bank``; see :mod:`oneencoder.bank`.
+    """
     rows = [r for r in records if r.get("split") == split]
     caches = {n: FeatureCache(cache_dir_for(cache_root, n), m.fingerprint(), readonly=True) for n, m in modalities.items()}
     try:
@@ -79,7 +83,7 @@ def load_pair_split(records: list[dict], split: str, modalities: dict[str, Modal
             have = cache.ids()
             rows = [r for r in rows if r["id"] in have]
         ids = [r["id"] for r in rows]
-        banks = {n: FeatureBank.from_cache(c, ids, device) for n, c in caches.items()} if ids else {}
+        banks = load_banks(caches, ids, bank, device) if ids else {}
     finally:
         for cache in caches.values():
             cache.close()

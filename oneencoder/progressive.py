@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
+from . import distributed as ddp
 from .cache import build_cache
 from .checkpoint import read_meta
 from .config import StageConfig, parse_stage, resolve_stage_path
@@ -22,6 +23,7 @@ from .manifest import read_manifest
 from .modality import get_modality_class
 from .pairs import model_modalities, stage_modalities
 from .registry import import_plugins
+from .runtime import pick_device
 from .stage import run_stage
 
 
@@ -69,7 +71,7 @@ def add_modality(modality: str, model_dir: str | Path, manifest: str | Path, *, 
                  cache_dir: str | Path | None = None, stage: str | Path | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None, replace: bool = False,
                  restart_if_changed: bool = False, workers: int = 2, log: Callable[[str], None] = print,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True) -> dict[str, Any] | None:
     """Cache features, then train ``modality`` against the frozen ``anchor`` of ``model_dir``.
 
     Features are cached for the new modality, the anchor and every other modality the
@@ -79,7 +81,8 @@ def add_modality(modality: str, model_dir: str | Path, manifest: str | Path, *, 
     error (``replace`` starts over), or with ``restart_if_changed`` it starts over.
 
     Returns:
-        The stage summary: best epoch, timings and held-out test results in every direction.
+        The stage summary: best epoch, timings and held-out test results in every direction
+        (None on ranks > 0 under ``torchrun``).
     """
     config = add_modality_config(modality, manifest, anchor=anchor, cache_dir=cache_dir, stage=stage,
                                  overrides=overrides)
@@ -90,6 +93,9 @@ def add_modality(modality: str, model_dir: str | Path, manifest: str | Path, *, 
     records = read_manifest(config.data.manifest)
     to_cache = [stage_modalities(config, model_dir)[modality]]
     to_cache += list(model_modalities(model_dir, records, {modality}).values())
-    for m in to_cache:
-        log(build_cache(m, records, config.data.cache_dir, num_workers=workers, progress=progress).summary())
+    ddp.init_distributed(ddp.rank_device(pick_device(config.train.device)))
+    if ddp.is_main():  # under torchrun, rank 0 caches while the others wait
+        for m in to_cache:
+            log(build_cache(m, records, config.data.cache_dir, num_workers=workers, progress=progress).summary())
+    ddp.barrier()
     return run_stage(config, model_dir, replace=replace, restart_if_changed=restart_if_changed, progress=progress)

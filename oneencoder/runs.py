@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,17 @@ from .config import StageConfig
 
 RUN_SETTINGS = "settings.json"
 # Train settings that do not change what is learned.
-_UNLEARNED = ("device", "log_every", "eval_batch_size")
+_UNLEARNED = ("device", "log_every", "eval_batch_size", "bank", "compile")
+
+
+def _section_defaults() -> dict[str, Any]:
+    """Each section's default values, as ``run_settings`` stores them."""
+    out = {}
+    for f in dataclasses.fields(StageConfig):
+        factory = f.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(default := factory()):
+            out[f.name] = json.loads(json.dumps(dataclasses.asdict(default)))
+    return out
 
 
 def run_settings(config: StageConfig, data_hash: str, metas: dict[str, dict]) -> dict[str, Any]:
@@ -24,10 +35,19 @@ def run_settings(config: StageConfig, data_hash: str, metas: dict[str, dict]) ->
     return json.loads(json.dumps({"stage": settings, "modalities": metas}))  # as stored: tuples become lists
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+_MISSING = object()
+
+
+def _differences(old: Any, new: Any, prefix: str = "", defaults: Any = None) -> list[str]:
+    """Dotted paths where ``old`` and ``new`` differ. A setting the old run did not record
+    (an option added since) counts as unchanged while it keeps its default value."""
     if isinstance(old, dict) and isinstance(new, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
         return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+                for d in _differences(old.get(k, _MISSING), new.get(k, _MISSING), f"{prefix}{k}.",
+                                      defaults.get(k, _MISSING))]
+    if old is _MISSING and defaults is not _MISSING and new == defaults:
+        return []
     return [] if old == new else [prefix.rstrip(".")]
 
 
@@ -36,7 +56,7 @@ def changed_settings(run_dir: Path, settings: dict[str, Any]) -> str | None:
     path = run_dir / RUN_SETTINGS
     if not path.exists():
         return "made by an older oneencoder, without its settings"
-    changed = _differences(json.loads(path.read_text()), settings)
+    changed = _differences(json.loads(path.read_text()), settings, defaults={"stage": _section_defaults()})
     if not changed:
         return None
     return f"made with other settings (changed: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})"

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as ddp
 from .cache import cache_dir_for
 from .checkpoint import META, load_model, modality_meta, read_meta, save_model
 from .config import StageConfig
@@ -104,6 +105,11 @@ def _resolve_run(config: StageConfig, run_dir: Path, settings: dict[str, Any], r
     return resuming, False
 
 
+def _started_run(run_dir: Path) -> bool:
+    """A run of this stage began here (its settings are written before any model file)."""
+    return (run_dir / "last.safetensors").exists() or (run_dir / RUN_SETTINGS).exists()
+
+
 def _uses_difficulty(config: StageConfig) -> bool:
     """Whether the stage reads the difficulty table (a pacer's order, margins, trust weights)."""
     cur = config.curriculum
@@ -112,7 +118,7 @@ def _uses_difficulty(config: StageConfig) -> bool:
 
 def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True, overwrite: bool = False,
               replace: bool = False, restart_if_changed: bool = False, progress: bool = True,
-              init_from: str | Path | None = None) -> dict[str, Any]:
+              init_from: str | Path | None = None) -> dict[str, Any] | None:
     """Train one stage and evaluate the best checkpoint on the test split.
 
     A run resumes only if it was made with the same settings, data and backbones
@@ -124,17 +130,22 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     ``projection`` not trainable) trains only that adapter and its token against the
     frozen anchor, whose embeddings are computed once.
 
+    Under ``torchrun`` every rank runs this function: ``[train] batch_size`` is per rank,
+    rank 0 alone writes files, and the other ranks return None.
+
     Returns the test results (as written to ``<model_dir>/runs/<stage>/test.json``).
     """
     model_dir = Path(model_dir)
     init_from = Path(init_from) if init_from else None
     run_dir = model_dir / "runs" / config.name
-    if run_dir.exists() and ((overwrite and not resume) or replace):
+    device = ddp.rank_device(pick_device(config.train.device))
+    ddp.init_distributed(device)
+    if ddp.is_main() and run_dir.exists() and ((overwrite and not resume) or replace):
         shutil.rmtree(run_dir)
+    ddp.barrier()
     # Rerunning a stage resumes it; a finished run resumes to its end and re-reports.
-    resuming = resume and (run_dir / "last.json").exists()
+    resuming = resume and _started_run(run_dir)
     seed_everything(config.train.seed)
-    device = pick_device(config.train.device)
     deterministic_on_cpu(device)
 
     # ----- data: the stage's modalities (the anchor as the model holds it) and their pairs
@@ -145,18 +156,29 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     metas = {n: modality_meta(m) for n, m in modalities.items()}
     data_hash = manifest_hash(records)
     settings = run_settings(config, data_hash, metas)
+    if ddp.world_size() > 1:  # the global batch, and so every step, depends on it
+        settings["world_size"] = ddp.world_size()
     table = None
     if _uses_difficulty(config):  # computed once; a re-scored table would change a resumed run's curriculum
-        table, table_path = stage_difficulty(config, records, modalities)
+        with ddp.main_process_first():  # rank 0 scores and stores; the others read the stored table
+            table, table_path = stage_difficulty(config, records, modalities)
         settings["difficulty_sha256"] = sha256_file(table_path)
     if init_from is not None:
         settings["init_from"] = read_meta(init_from)["files"]  # the weights it starts from
-    resuming, started_over = _resolve_run(config, run_dir, settings, resuming, restart_if_changed)
-    model = _prepare_model(config, model_dir, metas, overwrite, resuming, replace or started_over, init_from)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / RUN_SETTINGS, settings)
-    train = load_pair_split(records, "train", modalities, config.data.cache_dir, device)
-    val = load_pair_split(records, "val", modalities, config.data.cache_dir, device)
+    if ddp.is_main():  # it may delete the old run, so only rank 0 decides
+        resuming, started_over = _resolve_run(config, run_dir, settings, resuming, restart_if_changed)
+    else:
+        started_over = False
+    resuming, started_over = ddp.broadcast_object((resuming, started_over))
+    with ddp.main_process_first():  # rank 0 clears an overwritten model before the others look
+        model = _prepare_model(config, model_dir, metas, overwrite, resuming, replace or started_over, init_from)
+    if ddp.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / RUN_SETTINGS, settings)
+    train = load_pair_split(records, "train", modalities, config.data.cache_dir, device,
+                            bank=config.train.bank)
+    val = load_pair_split(records, "val", modalities, config.data.cache_dir, device,
+                          bank=config.train.bank)
     require_pairs(records, modalities, train, val, config.data.manifest)
 
     # ----- objective: loss, curriculum, sampler
@@ -175,10 +197,15 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     if anchor is not None:  # frozen anchor: embed it once, then it is a constant
         model.eval()
         fixed = embed_bank(model, anchor, train.banks[anchor], config.train.eval_batch_size).detach()
-    objective = PairObjective(model, loss, pair, train, fixed_b=fixed, margins=margins, weights=weights)
+    network = torch.compile(model) if config.train.compile else model  # the loss and gathers stay eager
+    objective = PairObjective(network, loss, pair, train, fixed_b=fixed, margins=margins, weights=weights)
     predictor = (LossPredictor(pooled_frozen(train), seed=config.train.seed)
                  if cur.pacer == "self_paced" and cur.loss_predictor else None)
-    sampler = build_sampler(cur, len(train.ids), config.train.batch_size, config.train.seed,
+    global_batch = config.train.batch_size * ddp.world_size()
+    if global_batch > len(train.ids) and ddp.world_size() > 1:
+        raise ConfigError(f"{ddp.world_size()} ranks × [train] batch_size {config.train.batch_size} = {global_batch} "
+                          f"pairs per step, but the training split has {len(train.ids)}; lower batch_size")
+    sampler = build_sampler(cur, len(train.ids), global_batch, config.train.seed,
                             difficulty=None if difficulty is None else difficulty.numpy(),
                             groups=train.group_codes, neighbours=neighbours, predictor=predictor)
     callbacks = []
@@ -208,10 +235,12 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
 
     # ----- train, then test the best checkpoint
     trainer = Trainer(config.train, objective, sampler, validate, on_best, run_dir, device, progress, callbacks)
-    if resuming and trainer.try_resume():
+    if resuming and trainer.try_resume() and ddp.is_main():
         print(f"resuming {config.name} from step {trainer.step} (epoch {trainer.epoch})")
     fit = trainer.fit()
-    return _test(config, model_dir, run_dir, modalities, records, anchor, fit)
+    summary = _test(config, model_dir, run_dir, modalities, records, anchor, fit) if ddp.is_main() else None
+    ddp.barrier()  # no rank leaves before the model directory is final
+    return summary
 
 
 def _test(config: StageConfig, model_dir: Path, run_dir: Path, modalities: dict[str, Modality],

@@ -3,7 +3,9 @@
 It drives an *objective* (an ``nn.Module`` mapping a batch of sample indices to a
 dict with ``loss``) with batches from a *sampler* (``batch(step) -> indices``),
 validates each epoch through a callback, stops early, and keeps the best state.
-Runs unchanged under ``torchrun``: rank 0 validates, logs and saves.
+Runs unchanged under ``torchrun`` (``oneencoder.distributed``): the sampler draws the
+global batch on every rank, each rank embeds its contiguous shard, the objective
+gathers, and rank 0 alone validates, logs and saves.
 """
 
 from __future__ import annotations
@@ -17,17 +19,23 @@ from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as ddp
 from .config import TrainConfig
-from .fileio import append_jsonl, atomic_path, write_json_atomic
+from .errors import ConfigError
+from .fileio import append_jsonl, atomic_path, write_json_atomic, write_jsonl_atomic
 from .runtime import pick_device
+
+# Offsets the dropout stream of ranks > 0 (rank 0 keeps the single-process stream).
+_RANK_SEED_STRIDE = 1_000_003
 
 
 class BatchSampler(Protocol):
-    """Yields the sample indices of each optimizer step."""
+    """Yields the sample indices of each optimizer step: the *global* batch (all ranks together)."""
 
     steps_per_epoch: int
 
@@ -45,6 +53,15 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     floor = config.lr * config.min_lr_ratio
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``[train] precision`` on ``device`` (None: plain fp32)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"[train] precision = {precision!r}: use auto, fp32 or bf16")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -91,12 +108,19 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.epoch_callbacks = epoch_callbacks or []  # run on every rank after each epoch
-        self.distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.distributed else 0
+        self.distributed = ddp.is_distributed()
+        self.rank, self.world = ddp.rank(), ddp.world_size()
+        batch = getattr(sampler, "batch_size", self.world)
+        if batch % self.world:
+            raise ConfigError(f"the global batch of {batch} pairs does not split over {self.world} ranks; "
+                              "the training split may hold fewer pairs than ranks × [train] batch_size")
+        if self.rank > 0:  # own dropout masks per rank; the weights come from rank 0 (DDP broadcasts them)
+            torch.manual_seed(config.seed + _RANK_SEED_STRIDE * self.rank)
         self.trainable = [p for p in objective.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the objective has no trainable parameters")
         self.optimizer = torch.optim.AdamW(_param_groups(objective, config.weight_decay), lr=config.lr)
+        self.autocast = _autocast_dtype(config.precision, self.device)
         self.model = (nn.parallel.DistributedDataParallel(self.objective) if self.distributed else self.objective)
         self.total_steps = config.epochs * sampler.steps_per_epoch
         self.step, self.epoch, self.best, self.best_epoch, self.bad_epochs = 0, 0, -math.inf, -1, 0
@@ -106,29 +130,58 @@ class Trainer:
     def _state_paths(self) -> tuple[Path, Path]:
         return self.run_dir / "last.safetensors", self.run_dir / "last.json"
 
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """This rank's generators (CPU, and the GPU's when training there)."""
+        states = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
     def save_state(self) -> None:
-        """Weights, optimizer moments and sampler RNG, without pickle."""
+        """Weights, optimizer moments, sampler state, every rank's RNG and the counters: one file, no pickle.
+
+        The counters travel in the safetensors header, so a kill can never pair the
+        weights of one epoch with the counters of another. ``last.json`` is a readable
+        copy written afterwards and never read back. Every rank calls this; rank 0 writes.
+        """
+        rngs = ddp.all_gather_objects(self._rng_states())
+        if not ddp.is_main():
+            return
         tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.trainable)}
         opt = self.optimizer.state_dict()
         for pid, slots in opt["state"].items():
             for k, v in slots.items():
                 tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).cpu().contiguous()
         tensors.update({f"sampler.{k}": v.cpu().contiguous() for k, v in self.sampler.state_dict().items()})
-        tensors["rng.torch"] = torch.get_rng_state()
+        for r, states in enumerate(rngs):
+            for kind, state in states.items():
+                tensors[f"rng.{kind}" + (f".{r}" if r else "")] = state.cpu()
         meta = {"step": self.step, "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs, "history": self.history, "total_steps": self.total_steps}
+                "bad_epochs": self.bad_epochs, "history": self.history, "total_steps": self.total_steps,
+                "world_size": self.world}
         t_path, m_path = self._state_paths()
         with atomic_path(t_path) as tmp:
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata={"trainer": json.dumps(meta)})
         write_json_atomic(m_path, meta)
+
+    def _stored_meta(self, t_path: Path, m_path: Path) -> dict | None:
+        with safe_open(str(t_path), "pt") as f:
+            header = (f.metadata() or {}).get("trainer")
+        if header is not None:
+            return json.loads(header)
+        # Written before the counters moved into the weights file.
+        return json.loads(m_path.read_text()) if m_path.exists() else None
 
     def try_resume(self) -> bool:
         t_path, m_path = self._state_paths()
-        if not (t_path.exists() and m_path.exists()):
+        if not t_path.exists():
             return False
-        meta = json.loads(m_path.read_text())
-        if meta["total_steps"] != self.total_steps:
+        meta = self._stored_meta(t_path, m_path)
+        if meta is None or meta["total_steps"] != self.total_steps:
             return False  # a different schedule: start over rather than mix runs
+        if meta.get("world_size", 1) != self.world:
+            raise ConfigError(f"{t_path} was saved by a run on {meta.get('world_size', 1)} processes; resume it on "
+                              f"as many (this run has {self.world}), or start it over")
         tensors = load_file(str(t_path))
         with torch.no_grad():
             for i, p in enumerate(self.trainable):
@@ -141,19 +194,39 @@ class Trainer:
                 opt["state"].setdefault(int(pid), {})[slot] = value.to(self.device) if slot != "step" else value
         self.optimizer.load_state_dict(opt)
         self.sampler.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("sampler.")})
-        torch.set_rng_state(tensors["rng.torch"])
+        suffix = f".{self.rank}" if self.rank else ""
+        torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+        if self.device.type == "cuda" and f"rng.cuda{suffix}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"], self.device)
         self.step, self.epoch = meta["step"], meta["epoch"]
         self.best, self.best_epoch, self.bad_epochs = meta["best"], meta["best_epoch"], meta["bad_epochs"]
         self.history = meta["history"]
+        if ddp.is_main():
+            self._forget_logs_after(self.step)
         return True
+
+    def _forget_logs_after(self, step: int) -> None:
+        """Drop log rows past the resumed step: the resumed run logs those steps again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the kill
+            if row.get("step", 0) <= step:
+                rows.append(row)
+        write_jsonl_atomic(path, rows)
 
     # ----- loop -------------------------------------------------------------
     def _train_step(self) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.total_steps, self.config)
-        index = self.sampler.batch(self.step, self.total_steps)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.model(index)
+        global_index = self.sampler.batch(self.step, self.total_steps)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            out = self.model(ddp.shard_of(global_index))  # the objective gathers: its loss is the global batch's
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if self.config.grad_clip > 0:
@@ -162,7 +235,7 @@ class Trainer:
         self.step += 1
         observe = getattr(self.sampler, "observe", None)
         if observe is not None and "per_sample" in out:  # self-paced curricula track per-sample losses
-            observe(index, out["per_sample"].detach())
+            observe(global_index, out["per_sample"].detach())
         return {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
 
     def fit(self) -> FitResult:
@@ -188,6 +261,7 @@ class Trainer:
                 flag = torch.tensor([self.bad_epochs], device=self.device)
                 dist.broadcast(flag, 0)
                 self.bad_epochs = int(flag)
+            self.save_state()
         bar.close()
         return FitResult(self.best, self.best_epoch, self.epoch, self.step, time.time() - start, self.history)
 
@@ -203,4 +277,3 @@ class Trainer:
             self.on_best(val)
         else:
             self.bad_epochs += 1
-        self.save_state()
