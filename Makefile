@@ -35,12 +35,15 @@ $(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt 
 # Debian data packages (real data, read in place, never copied into the repo).
 # libcairo2 renders the SVG stamps (through cairosvg). openclipart-png/-svg (public domain)
 # are the noisy image-text data of `oneencoder data openclipart` (docs/openclipart.md).
+# chromium + chromium-driver: the headless browser of tests/test_serve_browser.py (nothing downloads one).
 system-deps:
 	@missing=""; \
 	[ -d $(STAMPS_DIR) ] || missing="$$missing tuxpaint-stamps-default"; \
 	[ -d $(OPENCLIPART_DIR)/png ] || missing="$$missing openclipart-png"; \
 	[ -d $(OPENCLIPART_DIR)/svg ] || missing="$$missing openclipart-svg"; \
 	ldconfig -p | grep -q 'libcairo.so.2 ' || missing="$$missing libcairo2"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -44,6 +44,8 @@ from oneencoder.pairs import PairSplit, load_pair_split  # noqa: E402
 from oneencoder.runtime import seed_everything  # noqa: E402
 from oneencoder.train import Trainer  # noqa: E402
 
+from _machine import OtherLoad, load_note as _load_note  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = torch.device("cpu")
 
@@ -118,41 +120,6 @@ def run_arm(label: str, make_objective, config: StageConfig, n: int, steps: int,
     return {"arm": label, "steps": steps, "seconds": seconds, "per_step": seconds / steps, "losses": losses,
             "batches": batches, "other_cores": load.cores(),
             "encode_seconds": getattr(objective, "encode_seconds", None)}
-
-
-class OtherLoad:
-    """CPU cores that *other* processes kept busy between ``start()`` and ``cores()`` (Linux /proc/stat)."""
-
-    def start(self) -> "OtherLoad":
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy_seconds(), time.process_time()
-        return self
-
-    def cores(self) -> float | None:
-        busy = self._busy_seconds()
-        if busy is None or self.busy0 is None:
-            return None
-        wall = time.perf_counter() - self.t0
-        return max(0.0, (busy - self.busy0) - (time.process_time() - self.own0)) / max(wall, 1e-9)
-
-    @staticmethod
-    def _busy_seconds() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                ticks = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-        return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _load_note(label: str, cores: float | None) -> str:
-    if cores is None:
-        return ""
-    note = f"other processes kept {cores:.2f} of {os.cpu_count()} cores busy {label}"
-    if cores > 0.25:
-        note += ("\nWARNING: other processes competed for the CPUs; torch threads then wait on each other and "
-                 "the timings (above all the cached arm's short steps) are unreliable; rerun on an idle machine")
-    return note
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,9 +159,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per measurement")
     parser.add_argument("--ddp", action="store_true", help="also compare 1 and 2 processes (torchrun, gloo)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for the GEMM and the step alike (default: torch's)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", default="pooled", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         _worker(args)
         return

@@ -10,10 +10,35 @@ from typing import Any, Callable, Optional, TypeVar
 import typer
 
 from oneencoder.errors import OneEncoderError
+from oneencoder.fileio import storage_errno, storage_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
+
+
+def storage_message(e: Exception) -> Optional[str]:
+    """One line for a read-only, full or forbidden location that reached the CLI, else None.
+
+    The library names the path where it writes through ``fileio``; this catches the rest
+    (a folder made directly, LMDB's commits) so that such failures never print a traceback.
+    """
+    if storage_errno(e) is None:
+        return None
+    if isinstance(e, OSError):
+        return str(storage_error(e.filename, e)) if e.filename else f"cannot write: {e.strerror}"
+    if type(e).__module__.split(".")[0] in ("lmdb", "safetensors"):  # they keep the errno in the message
+        return f"cannot write the {'feature cache' if 'lmdb' in type(e).__module__ else 'tensors'}: {e}"
+    return None
+
+
+def _error(message: str) -> None:
+    """``error: <message>`` on a line of its own: a progress bar the error interrupted ends its line first."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
 
 
 def user_errors(fn: F) -> F:
@@ -24,7 +49,13 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except OneEncoderError as e:
-            typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+            _error(str(e))
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except Exception as e:
+            message = storage_message(e)
+            if message is None:
+                raise
+            _error(message)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             typer.secho("interrupted; rerun the same command to resume", err=True)

@@ -12,6 +12,7 @@ import typer
 
 from oneencoder.datasets.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from oneencoder.datasets.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
+from oneencoder.fileio import ensure_writable
 from oneencoder.manifest import write_manifest
 
 from ._common import echo, user_errors
@@ -89,6 +90,7 @@ def tuxpaint(
 
     Example:  oneencoder data tuxpaint --out outputs/demo/manifest.jsonl
     """
+    ensure_writable(out)  # before reading and decoding the data
     _write(out, tuxpaint_records(root), summarize)
 
 
@@ -110,6 +112,7 @@ def tuxpaint_audio(
 
     Example:  oneencoder data tuxpaint-audio --augment 4 --out outputs/audio/manifest.jsonl
     """
+    ensure_writable(out)  # before reading and decoding the data
     build_tuxpaint_audio(out, root, augment, all_stamps)
 
 
@@ -123,6 +126,7 @@ def chemicals(
 
     Example:  oneencoder data chemicals --out outputs/chemicals/manifest.jsonl --limit 20000
     """
+    ensure_writable(out)  # before reading and decoding the data
     build_chemicals(out, limit)
 
 
@@ -140,6 +144,7 @@ def pybullet_rgbd(
 
     Example:  oneencoder data pybullet-rgbd --out outputs/rgbd/manifest.jsonl --renders 60
     """
+    ensure_writable(out)  # before reading and decoding the data
     build_pybullet_rgbd(out, renders, seed)
 
 
@@ -157,6 +162,7 @@ def pybullet_video(
 
     Example:  oneencoder data pybullet-video --out outputs/video/manifest.jsonl --clips 8
     """
+    ensure_writable(out)  # before reading and decoding the data
     build_pybullet_video(out, clips, seed)
 
 
@@ -182,6 +188,7 @@ def openclipart(
 
     Example:  oneencoder data openclipart --out outputs/openclipart/manifest.jsonl
     """
+    ensure_writable(out)  # before reading and decoding the data
     build_openclipart(out, root, tuxpaint_root, limit, with_tuxpaint)
 
 
@@ -203,6 +210,7 @@ def corrupt(
 
     Example:  oneencoder data corrupt manifest.jsonl --fraction 0.2 --seed 0 --out corrupt20.jsonl
     """
+    ensure_writable(out)  # before reading and decoding the data
     build_corrupt(src, out, fraction, seed)
 
 
@@ -235,6 +243,7 @@ def import_table(
 
     Example:  oneencoder data import pairs.csv --map image=path --map text=caption --out manifest.jsonl
     """
+    ensure_writable(out)  # before reading and decoding the data
     from oneencoder.data_import import import_table as run_import
 
     report = run_import(file, out, maps or [], fmt=fmt, split_col=split_col, val=val, test=test,

@@ -10,9 +10,24 @@ import typer
 
 import oneencoder
 from oneencoder.errors import OneEncoderError
-from oneencoder.fileio import atomic_path, write_json_atomic
+from oneencoder.fileio import atomic_path, ensure_writable, not_utf8, write_json_atomic
 
 from ._common import echo, quiet_libraries, user_errors
+
+
+def read_lines(path: Path, option: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped; a bad file is one error naming the line."""
+    if not path.is_file():
+        raise OneEncoderError(f"{option} {path} not found")
+    lines = []
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise OneEncoderError(not_utf8(f"{option} {path}:{lineno}", e)) from None
+        if line:
+            lines.append(line)
+    return lines
 
 
 @user_errors
@@ -31,11 +46,11 @@ def embed(
     quiet_libraries()
     items = list(inputs or [])
     if from_file:
-        if not from_file.is_file():
-            raise OneEncoderError(f"--from-file {from_file} not found")
-        items += [line.strip() for line in from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        items += read_lines(from_file, "--from-file")
     if not items:
         raise OneEncoderError("no inputs: pass them as arguments or with --from-file")
+    ensure_writable(out)  # before loading backbones and embedding
+    ensure_writable(out.with_suffix(out.suffix + ".json"))
     m = oneencoder.load(model)
     emb = m.encode(modality, items)
     with atomic_path(out) as tmp:

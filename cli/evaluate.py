@@ -11,7 +11,7 @@ from oneencoder.cache import build_cache
 from oneencoder.checkpoint import load_model, modality_from_meta
 from oneencoder.errors import OneEncoderError
 from oneencoder.evaluate import evaluate_samples
-from oneencoder.fileio import write_json_atomic
+from oneencoder.fileio import ensure_writable, write_json_atomic
 from oneencoder.manifest import read_manifest
 
 from ._common import echo, quiet_libraries, user_errors
@@ -32,6 +32,8 @@ def evaluate(
     """
     quiet_libraries()
     net, meta = load_model(model)  # registers the model's recorded modality classes first
+    path = out or model / f"eval-{split}.json"
+    ensure_writable(path)  # before the features and metrics are computed
     records = read_manifest(manifest)
     present = [n for n, info in meta["modalities"].items() if any(r.get(info["record_key"]) for r in records)]
     if len(present) < 2:
@@ -42,7 +44,6 @@ def evaluate(
     for m in modalities.values():
         build_cache(m, records, cache_dir, progress=True)
     results = evaluate_samples(net, modalities, records, cache_dir, split)
-    path = out or model / f"eval-{split}.json"
     write_json_atomic(path, results)
     print_results(results)
     echo(f"wrote {path}")

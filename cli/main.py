@@ -8,14 +8,17 @@ import typer
 
 from oneencoder.registry import import_plugins
 
-from . import cache, curriculum, data
+from . import cache, curriculum, data, export, index
 from ._common import user_errors as with_user_errors
 from .add_modality import add_modality
+from .classify import classify
 from .demo import demo
 from .demo_all import demo_all
 from .embed import embed
 from .evaluate import evaluate
 from .info import info
+from .search import search
+from .serve import serve
 from .train import train
 
 app = typer.Typer(
@@ -43,10 +46,15 @@ def _global_options(
 app.add_typer(data.app, name="data")
 app.add_typer(cache.app, name="cache")
 app.add_typer(curriculum.app, name="curriculum")
+app.add_typer(index.app, name="index")
+app.add_typer(export.app, name="export")
 app.command("train")(train)
 app.command("eval")(evaluate)
 app.command("embed")(embed)
 app.command("info")(info)
+app.command("search")(search)
+app.command("classify")(classify)
+app.command("serve")(serve)
 app.command("add-modality")(add_modality)
 app.command("demo")(demo)
 app.command("demo-all")(demo_all)

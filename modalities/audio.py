@@ -223,6 +223,8 @@ class Audio(Modality):
         default_anchor="text",
         extra_deps=("aisfx", "librosa", "soundfile", "torchaudio"),
     )
+    file_extensions = (".ogg", ".wav", ".flac", ".mp3", ".opus", ".m4a", ".aif", ".aiff")
+    input_ndim = 1  # a mono waveform at 44.1 kHz; [N, samples] is N clips
     default_options = {
         "backbone": DEFAULT_BACKBONE,  # or "aisfx:<checkpoint.pth>" in aisfx's format
         "max_windows": 8,  # tokens per clip; longer clips keep evenly spaced windows

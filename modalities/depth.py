@@ -241,6 +241,8 @@ class DepthModality(ImageBackboneMixin, Modality):
         default_anchor="image",
         extra_deps=("timm",),
     )
+    file_extensions = (".npy", ".npz")  # 16-bit PNGs too, named with --as depth
+    input_ndim = 2  # [H, W] metres; [N, H, W] is N maps
     default_options = {
         # Measured on pybullet renders (14 objects, 60 views each, 2 render seeds, 178 val
         # queries): depth->image object R@1 through a ridge map (l=0.1) to the frozen image

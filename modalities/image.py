@@ -28,6 +28,7 @@ from torch import nn
 from oneencoder.backbones import existing_path, freeze, load_weights, packaged_path, require
 from oneencoder.errors import ConfigError, SampleError
 from oneencoder.fileio import sha256_file, sha256_text
+from oneencoder.inputs import image_from_array
 from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
@@ -193,6 +194,8 @@ class ImageModality(Modality):
         default_anchor="text",
         extra_deps=("timm", "cairosvg"),
     )
+    file_extensions = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".svg")
+    input_ndim = 3  # HWC (numpy) or CHW (torch)
     default_options = {
         "backbone": DEFAULT_BACKBONE,
         "weights": "",  # empty: the packaged EfficientNet-Lite0 weights
@@ -210,6 +213,8 @@ class ImageModality(Modality):
             self.options["weights"] = os.path.abspath(os.path.expanduser(str(self.options["weights"])))
         if self.options["tokens"] not in _GRID:
             raise ConfigError(f"[modalities.image] tokens={self.options['tokens']!r}; use one of {list(_GRID)}")
+        if min(self.options["std"]) <= 0:  # pixels are divided by it
+            raise ConfigError(f"[modalities.image] std = {self.options['std']!r} must be positive")
 
     def bind(self, peers: dict[str, Modality]) -> None:
         """Label semantics live in the space of the stage's own text backbone."""
@@ -283,7 +288,17 @@ class ImageModality(Modality):
         return freeze(_TokenBackbone(model, labels))
 
     def load(self, source: Any) -> Image.Image:
+        """A path, a PIL image, or an array: numpy ``HWC``/``HW`` (uint8, or floats in [0, 1]), torch ``CHW``."""
+        if isinstance(source, (np.ndarray, torch.Tensor)):
+            return image_from_array(source, "array")
+        if not isinstance(source, (str, os.PathLike, Image.Image)):
+            raise SampleError(f"an image input is a path, a PIL image or an array, got {type(source).__name__}")
         return _open(source)
+
+    def example_inputs(self) -> list[Any]:
+        ramp = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (64, 1))
+        return [Image.fromarray(np.stack([ramp, ramp[::-1], 255 - ramp], -1)),  # a colour gradient
+                Image.new("RGBA", (50, 80), (200, 30, 30, 128))]  # half-transparent, another shape
 
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
         img = raw

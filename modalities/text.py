@@ -127,6 +127,9 @@ class Text(Modality):
             raise SampleError("empty caption")
         return text
 
+    def example_inputs(self) -> list[Any]:
+        return ["A badger.", "A red apple on a wooden table, seen from above.", "Two cats."]
+
     def preprocess(self, raw: str) -> list[int]:
         ids = self.tokenizer(raw, truncation=True, max_length=int(self.options["max_tokens"]))["input_ids"]
         return list(ids)

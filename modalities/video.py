@@ -211,6 +211,8 @@ class VideoModality(ImageBackboneMixin, Modality):
         default_anchor="text",
         extra_deps=("timm", "av"),
     )
+    file_extensions = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+    input_ndim = 4  # frames [T, H, W, 3]; [N, T, H, W, 3] is N clips
     default_options = {
         "backbone": "timm:tf_efficientnet_lite0",
         "frames": 8,  # frames sampled uniformly over the clip

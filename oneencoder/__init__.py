@@ -17,8 +17,10 @@ if (_root / "pyproject.toml").is_file() and (_root / "modalities" / "__init__.py
 from .api import OneEncoder, load  # noqa: E402
 from .backbones import freeze, load_weights  # noqa: E402
 from .errors import OneEncoderError  # noqa: E402
+from .index import VectorIndex, load_index  # noqa: E402
 from .modality import Modality, ModalitySpec, create_modality, list_modalities, register_modality  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["OneEncoder", "load", "OneEncoderError", "Modality", "ModalitySpec", "create_modality",
-           "list_modalities", "register_modality", "freeze", "load_weights", "__version__"]
+           "list_modalities", "register_modality", "freeze", "load_weights", "VectorIndex", "load_index",
+           "__version__"]

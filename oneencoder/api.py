@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import load_model, modality_from_meta
 from .errors import OneEncoderError, SampleError
+from .index import VectorIndex, model_space
+from .inputs import as_batch
 from .modality import Modality
 from .runtime import pick_device
+from .zeroshot import Classification, classify
+
+# ``progress=None`` shows a bar once the inputs span more than this many batches.
+_PROGRESS_MIN_BATCHES = 8
+
+
+def _default_id(x: Any, i: int) -> str:
+    return str(x) if isinstance(x, (str, os.PathLike)) else str(i)
 
 
 class OneEncoder:
@@ -54,9 +67,58 @@ class OneEncoder:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
         return self.model(modality, tokens.float().to(self.device), mask.bool().to(self.device)).float().cpu()
 
+    def _embed(self, modality: str, inputs: Any, batch_size: int, progress: bool | None,
+               on_error: Callable[[int, Any, str], None] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Embed ``inputs`` in batches: ``([n_kept, d] on the CPU, positions kept)``.
+
+        A bad input raises ``SampleError`` naming it, or, with ``on_error``, is passed to
+        ``on_error(position, input, reason)`` and left out.
+        """
+        m = self.modality(modality)
+        items = as_batch(inputs, m.input_ndim)
+        if batch_size < 1:
+            raise OneEncoderError(f"batch_size must be >= 1, got {batch_size}")
+        backbone = self._backbone(modality)
+        # None: a bar only for inputs that take a while, and only on a terminal (tqdm's disable=None).
+        long = len(items) > _PROGRESS_MIN_BATCHES * batch_size
+        disable = (None if long else True) if progress is None else not progress
+        bar = tqdm(total=len(items), desc=f"encode {modality}", unit=modality, disable=disable)
+        out, kept = [], []
+        with bar:
+            for start in range(0, len(items), batch_size):
+                prepared = []
+                for i, x in enumerate(items[start : start + batch_size], start):
+                    where = f"{modality} input #{i}"
+                    try:
+                        prepared.append(m.prepare(x)[1])
+                        kept.append(i)
+                    except SampleError as e:
+                        reason = str(e) if str(e).startswith(where) else f"{where}: {e}"
+                        if on_error is None:
+                            raise SampleError(reason) from None
+                        on_error(i, x, reason)
+                if prepared:
+                    tokens, mask = m.featurize(backbone, prepared)
+                    out.append(self.encode_features(modality, tokens, mask))
+                bar.update(min(batch_size, len(items) - start))
+        emb = torch.cat(out) if out else torch.empty(0, self.model.embed_dim)
+        return emb, kept
+
     @torch.no_grad()
-    def encode(self, modality: str, inputs: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
-        """Embed raw inputs (strings for text; paths or PIL images for images).
+    def encode(self, modality: str, inputs: Any, batch_size: int = 32, progress: bool | None = None,
+               numpy: bool = False) -> torch.Tensor | np.ndarray:
+        """Embed raw inputs into the shared space.
+
+        Args:
+            modality: One of :attr:`modalities`.
+            inputs: One input or a batch: strings (text, SMILES); file paths; PIL images or
+                image arrays (numpy ``HWC``/``HW`` uint8 or floats in [0, 1], tensors ``CHW``;
+                ``[N, ...]`` for a batch); waveforms (``(wave, sample_rate)``, or 1-D at
+                44.1 kHz; ``[N, samples]`` for a batch); depth maps ``[H, W]`` in metres
+                (``[N, H, W]``); video frames ``[T, H, W, 3]`` or ``(frames, fps)``.
+            batch_size: Inputs per backbone forward.
+            progress: Show a progress bar; None shows one for inputs longer than a few batches.
+            numpy: Return a float32 numpy array instead of a tensor.
 
         Returns:
             ``[N, d]`` L2-normalised embeddings on the CPU.
@@ -64,23 +126,44 @@ class OneEncoder:
         Raises:
             SampleError: naming the input that could not be read.
         """
-        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
-            inputs = [inputs]
-        m = self.modality(modality)
-        backbone = self._backbone(modality)
-        out = []
-        for start in range(0, len(inputs), batch_size):
-            items = []
-            for i, x in enumerate(inputs[start : start + batch_size], start):
-                try:
-                    items.append(m.prepare(x)[1])
-                except SampleError as e:
-                    raise SampleError(f"{modality} input #{i}: {e}") from None
-            tokens, mask = m.featurize(backbone, items)
-            out.append(self.encode_features(modality, tokens, mask))
-        if not out:
-            return torch.empty(0, self.model.embed_dim)
-        return torch.cat(out)
+        emb, _ = self._embed(modality, inputs, batch_size, progress)
+        return emb.numpy().astype(np.float32, copy=False) if numpy else emb
+
+    def index(self, modality: str, inputs: Any, ids: Sequence[str] | None = None, batch_size: int = 32,
+              progress: bool | None = None, kind: str = "auto") -> VectorIndex:
+        """Embed ``inputs`` into a searchable index (exact for small sets, ANN above a size threshold).
+
+        Example:
+            >>> idx = m.index("image", paths)
+            >>> hits = idx.search(m.encode("text", ["A badger."]), k=5)
+
+        Args:
+            ids: One id per input (default: the input itself for strings and paths, else its position).
+            kind: ``"auto"``, ``"exact"`` or ``"ivf"`` (see :mod:`oneencoder.index`).
+        """
+        items = as_batch(inputs, self.modality(modality).input_ndim)
+        if ids is not None and len(ids) != len(items):
+            raise OneEncoderError(f"index: {len(ids)} ids for {len(items)} inputs")
+        emb, _ = self._embed(modality, items, batch_size, progress)
+        rows = [{"id": str(ids[i]) if ids is not None else _default_id(x, i),
+                 **({"input": str(x)} if isinstance(x, (str, os.PathLike)) else {})} for i, x in enumerate(items)]
+        return VectorIndex(emb.numpy(), rows, modality, model_space(self.meta, modality), kind=kind)
+
+    def classify(self, modality: str, inputs: Any, labels: Sequence[str], template: str | Sequence[str] = "{}",
+                 k: int = 5, temperature: float = 0.01, batch_size: int = 32,
+                 progress: bool | None = None) -> Classification:
+        """Zero-shot classification: each input against ``template.format(label)`` for every label.
+
+        Args:
+            labels: Class names, e.g. ``["animals", "vehicles"]``.
+            template: ``"A picture of {}."``; a list of templates averages their text embeddings
+                per label (prompt ensembling, as CLIP does).
+            k: Labels kept per input in :attr:`Classification.top`.
+            temperature: Softmax temperature of :attr:`Classification.probs` (CLIP's logit scale
+                100 is 0.01); the ranking is the cosine's either way.
+        """
+        return classify(self, modality, inputs, labels, template, k=k, temperature=temperature,
+                        batch_size=batch_size, progress=progress)
 
     @staticmethod
     def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -92,5 +175,9 @@ class OneEncoder:
 
 
 def load(model_dir: str | Path, device: str | torch.device | None = None) -> OneEncoder:
-    """Load a model directory after verifying every file's checksum."""
+    """Load a model directory after verifying every file's checksum.
+
+    Raises:
+        ConfigError: ``device`` is not one this machine has (e.g. ``"cuda"`` without a GPU).
+    """
     return OneEncoder(model_dir, device)

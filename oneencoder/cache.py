@@ -1,22 +1,33 @@
 """LMDB feature cache: each frozen backbone runs once per sample, ever.
 
-Layout of one cache (a directory per modality, e.g. ``cache/image/``):
+Layout of one cache root (``cache/``), per modality:
 
-* ``__fingerprint__``: JSON of :meth:`Modality.fingerprint`. Opening a cache with
-  another fingerprint is refused, so features of different backbones never mix.
-* ``f/<id>``: uint32 token count, then fp16 tokens ``[n, D]`` (padding is not stored).
-* ``m/<id>``: JSON difficulty measurements from :meth:`Modality.difficulty`.
+* ``<modality>/``: the LMDB environment, holding
 
-Rejected samples are listed in ``<modality>.rejects.jsonl`` beside the cache.
+  * ``__fingerprint__``: JSON of :meth:`Modality.fingerprint`. Opening a cache with
+    another fingerprint is refused, so features of different backbones never mix.
+  * ``f/<id>``: uint32 token count, then fp16 tokens ``[n, D]`` (padding is not stored).
+  * ``m/<id>``: JSON difficulty measurements from :meth:`Modality.difficulty`.
+  * ``k/<id>``: the input the entry was computed from (:func:`input_key`); a build
+    re-encodes every entry whose input changed under the same id.
+
+* ``<modality>.rejects.jsonl``: one row per rejected manifest entry, kept across builds.
+* ``<modality>.lock``: held by the one process that writes the cache.
+* ``shards/<i>-of-<n>/``: roots of the same layout, written by sharded builds and merged
+  into this one by :func:`oneencoder.shards.merge_shards`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import lmdb
 import numpy as np
@@ -25,10 +36,20 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .errors import CacheMismatchError, OneEncoderError, SampleError
-from .fileio import write_jsonl_atomic
+from .fileio import write_json_atomic, write_jsonl_atomic
 from .modality import Modality
+from .workers import loader_options
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builders are not serialised
+    fcntl = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from .shards import Shard
 
 _FINGERPRINT = b"__fingerprint__"
+_F, _M, _K = b"f/", b"m/", b"k/"
 _MAP_SIZE = 1 << 36  # sparse on Linux; grows only as written
 
 
@@ -74,20 +95,70 @@ class FeatureCache:
 
     def ids(self) -> set[str]:
         with self.env.begin() as txn:
-            return {k[2:].decode() for k, _ in txn.cursor() if k.startswith(b"f/")}
+            return set(_scan_keys(txn, _F))
 
     def __len__(self) -> int:
-        return len(self.ids())
+        with self.env.begin() as txn:
+            return sum(1 for _ in _scan_keys(txn, _F))
 
-    def put_many(self, items: list[tuple[str, torch.Tensor, dict[str, float]]]) -> None:
-        """Write a batch of ``(id, tokens [n, D], measurements)`` in one transaction (resume point)."""
+    def inputs(self) -> dict[str, str | None]:
+        """Every cached id with the input it was computed from (None: cached before inputs were recorded)."""
+        with self.env.begin() as txn:
+            recorded = {sid: bytes(value).decode() for sid, value in _scan_items(txn, _K)}
+            return {sid: recorded.get(sid) for sid in _scan_keys(txn, _F)}
+
+    def put_many(self, items: list[tuple[str, torch.Tensor, dict[str, float]]],
+                 inputs: Sequence[str] | None = None, drop: Iterable[str] = ()) -> None:
+        """Write a batch of ``(id, tokens [n, D], measurements)`` in one transaction (resume point).
+
+        Args:
+            items: The entries to write.
+            inputs: What each item was computed from (:func:`input_key`); None records nothing.
+            drop: Ids whose entries are deleted in the same transaction (stale features).
+        """
         for sid, tokens, _ in items:  # refused before anything is written: no mixed shapes, ever
             self._check_shape(sid, tokens)
-        with self.env.begin(write=True) as txn:
-            for sid, tokens, measures in items:
+        with self._writing(), self.env.begin(write=True) as txn:
+            for sid in drop:
+                for prefix in (_F, _M, _K):
+                    txn.delete(prefix + sid.encode())
+            for i, (sid, tokens, measures) in enumerate(items):
                 arr = tokens.detach().to(torch.float16).cpu().numpy()
-                txn.put(b"f/" + sid.encode(), struct.pack("<I", arr.shape[0]) + arr.tobytes())
-                txn.put(b"m/" + sid.encode(), json.dumps(measures).encode())
+                txn.put(_F + sid.encode(), struct.pack("<I", arr.shape[0]) + arr.tobytes())
+                txn.put(_M + sid.encode(), json.dumps(measures).encode())
+                if inputs is not None:
+                    txn.put(_K + sid.encode(), inputs[i].encode())
+                else:  # a recorded input would now describe other features
+                    txn.delete(_K + sid.encode())
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed LMDB write (disk full, read-only file system) as one line naming the cache."""
+        try:
+            yield
+        except lmdb.Error as e:
+            full = isinstance(e, lmdb.MapFullError) or "space" in str(e).lower() or _nearly_full(self.path)
+            what = f"no space left on {self.path}" if full else f"cannot write the feature cache {self.path}"
+            raise OneEncoderError(f"{what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                  "free space or pick another --cache-dir, then rerun to resume") from None
+
+    def delete_many(self, ids: Iterable[str]) -> None:
+        self.put_many([], drop=ids)
+
+    def copy_from(self, other: "FeatureCache", chunk: int = 2048) -> list[str]:
+        """Copy every entry of ``other`` byte for byte, committing every ``chunk`` ids; returns the ids."""
+        with other.env.begin() as src:
+            ids = list(_scan_keys(src, _F))
+            for start in range(0, len(ids), chunk):
+                with self._writing(), self.env.begin(write=True) as dst:
+                    for sid in ids[start : start + chunk]:
+                        for prefix in (_F, _M, _K):
+                            value = src.get(prefix + sid.encode())
+                            if value is None:
+                                dst.delete(prefix + sid.encode())
+                            else:
+                                dst.put(prefix + sid.encode(), value)
+        return ids
 
     def _check_shape(self, sid: str, tokens: torch.Tensor) -> None:
         limit = int(self.fingerprint.get("max_tokens", 0)) or None
@@ -99,15 +170,15 @@ class FeatureCache:
 
     def get(self, sid: str) -> torch.Tensor:
         with self.env.begin() as txn:
-            return self._decode(sid, txn.get(b"f/" + sid.encode()))
+            return self._decode(sid, txn.get(_F + sid.encode()))
 
     def get_many(self, ids: list[str]) -> list[torch.Tensor]:
         with self.env.begin() as txn:
-            return [self._decode(sid, txn.get(b"f/" + sid.encode())) for sid in ids]
+            return [self._decode(sid, txn.get(_F + sid.encode())) for sid in ids]
 
     def measurements(self, ids: list[str]) -> list[dict[str, float]]:
         with self.env.begin() as txn:
-            return [json.loads(txn.get(b"m/" + sid.encode()) or b"{}") for sid in ids]
+            return [json.loads(txn.get(_M + sid.encode()) or b"{}") for sid in ids]
 
     def _decode(self, sid: str, raw: bytes | None) -> torch.Tensor:
         if raw is None:
@@ -115,6 +186,33 @@ class FeatureCache:
         (n,) = struct.unpack("<I", raw[:4])
         arr = np.frombuffer(raw, dtype=np.float16, offset=4).reshape(n, self.dim)
         return torch.from_numpy(arr.copy())
+
+
+def _nearly_full(path: Path) -> bool:
+    """LMDB reports a full disk as an I/O error; the free space tells them apart."""
+    try:
+        return shutil.disk_usage(path).free < (64 << 20)
+    except OSError:
+        return False
+
+
+def _scan_keys(txn: lmdb.Transaction, prefix: bytes) -> Iterator[str]:
+    """Ids under ``prefix``, in key order, without reading the values."""
+    cursor = txn.cursor()
+    if cursor.set_range(prefix):
+        for key in cursor.iternext(keys=True, values=False):
+            if not key.startswith(prefix):
+                return
+            yield key[len(prefix):].decode()
+
+
+def _scan_items(txn: lmdb.Transaction, prefix: bytes) -> Iterator[tuple[str, bytes]]:
+    cursor = txn.cursor()
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield key[len(prefix):].decode(), value
 
 
 def _check_fingerprint(path: Path, stored: dict, expected: dict) -> None:
@@ -133,6 +231,93 @@ def cache_dir_for(root: str | Path, modality: str) -> Path:
 
 def rejects_path(root: str | Path, modality: str) -> Path:
     return Path(root) / f"{modality}.rejects.jsonl"
+
+
+def input_key(modality: Modality, value: Any) -> str:
+    """What a cached entry is computed from; an entry whose key changed is re-encoded.
+
+    A file is keyed by its resolved path, size and modification time (ns): one ``stat``
+    per sample, the quick check of make and rsync. A content hash would read the whole
+    data set on every build just to find nothing changed; the price is that an edit which
+    keeps both size and mtime goes unseen, and a ``touch`` re-encodes. Any other value
+    (a caption, a SMILES string) is keyed by the sha256 of the value itself.
+    """
+    if modality.spec.reads_files and isinstance(value, (str, os.PathLike)):
+        path = os.path.realpath(value)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"file:{path}:missing"
+        return f"file:{path}:{st.st_size}:{st.st_mtime_ns}"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@contextlib.contextmanager
+def cache_lock(path: str | Path, shared: bool = False) -> Iterator[None]:
+    """Hold ``<cache>.lock``: exclusive to write the cache, shared to read it while shards build.
+
+    A second writer stops with one line naming the cache, instead of encoding the same
+    samples twice and overwriting the other's rejects file. The kernel drops the lock
+    when its process dies, so a killed build never leaves the cache locked.
+    """
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise OneEncoderError(f"cannot write the feature cache {path}: {e.strerror} ({e.filename}); "
+                              "pick a writable --cache-dir") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                who = f" (process {holder})" if holder else ""
+                raise OneEncoderError(f"another `oneencoder cache` command{who} is writing the feature cache "
+                                      f"{path}; wait for it to finish, then rerun") from None
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+        if fcntl is not None and not shared:
+            os.ftruncate(fd, 0)  # no stale process id for the next refusal to name
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def read_rejects(path: str | Path) -> dict[str, dict]:
+    """Rows of a rejects file by sample id ({} if there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    rows: dict[str, dict] = {}
+    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[str(row["id"])] = row
+        except (ValueError, KeyError, TypeError):  # ValueError covers bad JSON and bad UTF-8
+            raise OneEncoderError(f"{path}:{lineno}: not a rejects row; delete {path} and rebuild to list "
+                                  "the rejects again") from None
+    return rows
+
+
+def update_rejects(path: str | Path, seen: Iterable[str], rejects: dict[str, dict]) -> int:
+    """Replace the rows of the ids ``seen`` by ``rejects``; rows of other manifests' ids stay.
+
+    Returns:
+        How many rows the file holds now.
+    """
+    rows = read_rejects(path)
+    for sid in seen:
+        rows.pop(sid, None)
+    rows.update(rejects)
+    write_jsonl_atomic(path, [rows[sid] for sid in sorted(rows)])
+    return len(rows)
 
 
 # ----- building -----------------------------------------------------------------
@@ -160,23 +345,63 @@ class _SampleDataset(Dataset):
             return rec["id"], None, None, f"{type(e).__name__}: {e}"
 
 
-def _collate_keep_all(items: list) -> list:
-    return items
+class _Collate:
+    """Runs in the workers too: one batch tensor crosses to the main process (and can be pinned)."""
+
+    def __init__(self, modality: Modality) -> None:
+        self.modality = modality
+
+    def __call__(self, samples: list) -> tuple[list[str], list[Any], Any, dict[str, str]]:
+        good = [s for s in samples if s[3] is None]
+        rejects = {s[0]: s[3] for s in samples if s[3] is not None}
+        batch = self.modality.collate([s[2] for s in good]) if good else None
+        return [s[0] for s in good], [s[1] for s in good], batch, rejects
 
 
 @dataclass
 class BuildReport:
-    """What a cache build did; ``rejects`` maps sample id to reason."""
+    """What a cache build did; ``rejects`` maps sample id to reason.
+
+    ``changed`` entries had another input recorded (an edited caption, a replaced file),
+    ``unrecorded`` ones none (a cache from before inputs were recorded): both were
+    re-encoded and are counted in ``encoded`` too. ``dropped`` stale entries were deleted
+    because their new input is rejected.
+    """
 
     modality: str
     total: int
     cached_before: int
     encoded: int
     rejects: dict[str, str] = field(default_factory=dict)
+    changed: int = 0
+    unrecorded: int = 0
+    dropped: int = 0
 
     def summary(self) -> str:
-        return (f"{self.modality}: {self.total} samples, {self.cached_before} already cached, "
-                f"{self.encoded} encoded, {len(self.rejects)} rejected")
+        notes = [f"{self.changed} changed, re-encoded"] if self.changed else []
+        if self.unrecorded:
+            notes.append(f"{self.unrecorded} without a recorded input, re-encoded")
+        line = (f"{self.modality}: {self.total} samples, {self.cached_before} already cached, "
+                f"{self.encoded} encoded" + (f" ({'; '.join(notes)})" if notes else ""))
+        line += f", {len(self.rejects)} rejected"
+        if self.dropped:
+            line += f" ({self.dropped} stale {'entry' if self.dropped == 1 else 'entries'} removed)"
+        return line
+
+
+_ABSENT = object()
+
+
+@dataclass
+class _Plan:
+    """What a build compares: each record's input now, and what was cached for it before."""
+
+    want: dict[str, str]  # id -> input_key of the record
+    before: dict[str, Any]  # id -> recorded input, None (not recorded) or _ABSENT (not cached)
+    own: set[str]  # ids cached in the cache being written (a shard's own, not the merged one's)
+
+    def stale(self, sid: str) -> bool:
+        return self.before[sid] != self.want[sid]
 
 
 def build_cache(
@@ -188,44 +413,81 @@ def build_cache(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    shard: "Shard | None" = None,
 ) -> BuildReport:
-    """Encode every record not yet cached; bad samples go to the rejects file.
+    """Encode every record whose features are missing or stale; bad samples go to the rejects file.
 
+    An entry is stale when the input it was computed from (:func:`input_key`) is not the
+    record's any more, e.g. a caption edited or a file replaced under the same id.
     Interrupted builds resume: finished batches are committed and skipped next time.
+
+    Args:
+        shard: Encode only this shard's records, into its own root under ``cache_root``
+            (:meth:`Shard.root`); records already up to date in the merged cache are skipped.
+
+    Raises:
+        OneEncoderError: Another process is writing the same cache.
+        CacheMismatchError: The cache was built with another fingerprint.
     """
     key = key or modality.spec.record_key
-    root = Path(cache_root)
-    cache = FeatureCache(cache_dir_for(root, modality.spec.name), modality.fingerprint())
-    try:
-        done = cache.ids()
-        # A sample without this modality (field absent or null) is not a bad sample, just not ours;
-        # a present but empty value is a reject.
-        records = [r for r in records if r.get(key) is not None]
-        todo = [r for r in records if r["id"] not in done]
-        report = BuildReport(modality.spec.name, len(records), len(records) - len(todo), 0)
-        if todo:
-            backbone = modality.load_backbone().to(device)
-            loader = DataLoader(_SampleDataset(modality, todo, key), batch_size=batch_size,
-                                num_workers=num_workers, collate_fn=_collate_keep_all)
-            bar = tqdm(total=len(todo), desc=f"cache {modality.spec.name}", unit="sample", disable=not progress)
-            for items in loader:
-                good = [it for it in items if it[3] is None]
-                for sid, _, _, reason in items:
-                    if reason is not None:
-                        report.rejects[sid] = reason
-                if good:
-                    tokens, mask = modality.featurize(backbone, [it[2] for it in good])
-                    rows = []
-                    for (sid, raw, _, _), tok, m in zip(good, tokens, mask):
-                        valid = tok[m]
-                        rows.append((sid, valid, modality.difficulty(raw, valid)))
-                    cache.put_many(rows)
-                    report.encoded += len(rows)
-                bar.update(len(items))
-            bar.close()
-        rejects = [{"id": sid, "modality": modality.spec.name, "reason": why} for sid, why in report.rejects.items()]
-        write_jsonl_atomic(rejects_path(root, modality.spec.name), rejects)
-        return report
-    finally:
-        cache.close()
+    name = modality.spec.name
+    # A sample without this modality (field absent or null) is not a bad sample, just not ours;
+    # a present but empty value is a reject.
+    records = [r for r in records if r.get(key) is not None]
+    if shard is not None:
+        records = [r for r in records if shard.owns(r["id"])]
+    root = Path(cache_root) if shard is None else shard.root(cache_root)
+    fingerprint = modality.fingerprint()
+    with cache_lock(cache_dir_for(root, name)):
+        if shard is not None:
+            shard.done_path(cache_root, name).unlink(missing_ok=True)
+        with FeatureCache(cache_dir_for(root, name), fingerprint) as cache:
+            own = cache.inputs()
+            merged = _merged_inputs(cache_root, name, fingerprint) if shard is not None else {}
+            want = {r["id"]: input_key(modality, r[key]) for r in records}
+            plan = _Plan(want, {sid: own[sid] if sid in own else merged.get(sid, _ABSENT) for sid in want}, set(own))
+            todo = [r for r in records if plan.stale(r["id"])]
+            report = BuildReport(name, len(records), len(records) - len(todo), 0)
+            if todo:
+                _encode(modality, todo, key, plan, cache, report, batch_size, num_workers, device, progress)
+        rows = {sid: {"id": sid, "modality": name, "reason": why, "input": want[sid]}
+                for sid, why in report.rejects.items()}
+        update_rejects(rejects_path(root, name), want, rows)
+        if shard is not None:  # merge_shards takes only finished shards
+            write_json_atomic(shard.done_path(cache_root, name),
+                              {"shard": str(shard), "summary": report.summary(), "fingerprint": fingerprint})
+    return report
 
+
+def _encode(modality: Modality, todo: list[dict], key: str, plan: _Plan, cache: FeatureCache,
+            report: BuildReport, batch_size: int, num_workers: int, device: str | torch.device,
+            progress: bool) -> None:
+    """The DataLoader loop of :func:`build_cache`: decode in workers, encode here, commit per batch."""
+    backbone = modality.load_backbone().to(device)
+    loader = DataLoader(_SampleDataset(modality, todo, key), batch_size=batch_size, collate_fn=_Collate(modality),
+                        **loader_options(num_workers, device))
+    with tqdm(total=len(todo), desc=f"cache {modality.spec.name}", unit="sample", disable=not progress) as bar:
+        for ids, raws, batch, rejects in loader:
+            report.rejects.update(rejects)
+            rows = []
+            if ids:
+                tokens, mask = modality.encode(backbone, batch)
+                for sid, raw, tok, m in zip(ids, raws, tokens, mask):
+                    valid = tok[m]
+                    rows.append((sid, valid, modality.difficulty(raw, valid)))
+            stale = [sid for sid in rejects if sid in plan.own]  # never keep features of an input now rejected
+            cache.put_many(rows, [plan.want[sid] for sid in ids], drop=stale)
+            report.encoded += len(rows)
+            report.dropped += len(stale)
+            report.changed += sum(1 for sid in ids if plan.before[sid] not in (_ABSENT, None))
+            report.unrecorded += sum(1 for sid in ids if plan.before[sid] is None)
+            bar.update(len(ids) + len(rejects))
+
+
+def _merged_inputs(cache_root: str | Path, name: str, fingerprint: dict[str, Any]) -> dict[str, str | None]:
+    """Inputs of the merged cache a shard belongs to, read under a shared lock ({} if none yet)."""
+    path = cache_dir_for(cache_root, name)
+    if not (path / "data.mdb").exists():
+        return {}
+    with cache_lock(path, shared=True), FeatureCache(path, fingerprint, readonly=True) as merged:
+        return merged.inputs()

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from .curriculum.weights import WEIGHTINGS
 from .errors import ConfigError
+from .fileio import not_utf8
 from .model import AdapterConfig, ProjectionConfig
 from .registry import import_plugins, same_kind
 
@@ -134,8 +135,7 @@ def load_stage(stage: str | Path, overrides: dict[str, dict[str, Any]] | None = 
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                          "save the file as UTF-8") from None
+        raise ConfigError(not_utf8(str(path), e)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     for section, values in (overrides or {}).items():

@@ -25,3 +25,7 @@ class CacheMismatchError(OneEncoderError):
 
 class ChecksumError(OneEncoderError):
     """A model directory file does not match the checksum recorded for it."""
+
+
+class StorageError(OneEncoderError):
+    """A file or folder cannot be written: read-only, no permission, or no space left."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import OneEncoderError
-from .fileio import write_jsonl_atomic
+from .fileio import not_utf8, write_jsonl_atomic
 
 SPLITS = ("train", "val", "test")
 #: Manifest field whose normalised value defines caption groups and the fixed split.
@@ -196,8 +196,7 @@ def read_manifest(path: str | Path) -> Manifest:
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a byte-order mark
             except UnicodeDecodeError as e:
-                raise OneEncoderError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
-                                      f"offset {e.start}); save the file as UTF-8") from None
+                raise OneEncoderError(not_utf8(f"{path}:{lineno}", e)) from None
             if not line.strip():
                 continue
             try:

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,29 @@ class ModalitySpec:
     extra_deps: tuple[str, ...] = field(default_factory=tuple)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_numbers(where: str, defaults: dict[str, Any], options: dict[str, Any]) -> None:
+    """Numeric options judged by their defaults, so no modality needs its own range code.
+
+    Every number must be finite; one whose default is positive (a size, a count, a scale)
+    must be positive, one whose default is 0 must not be negative; a list of numbers (a
+    per-channel mean) must hold as many finite numbers as its default.
+    """
+    for key, default in defaults.items():
+        value = options.get(key)
+        if _is_number(default) and _is_number(value):
+            bound = "> 0" if default > 0 else ">= 0" if default == 0 else None
+            if not math.isfinite(value) or (bound == "> 0" and value <= 0) or (bound == ">= 0" and value < 0):
+                raise ConfigError(f"{where} {key} = {value!r} must be a finite number{' ' + bound if bound else ''}")
+        elif isinstance(default, (list, tuple)) and default and all(map(_is_number, default)):
+            if not (len(value) == len(default) and all(_is_number(v) and math.isfinite(v) for v in value)):
+                raise ConfigError(f"{where} {key} = {value!r} must be a list of {len(default)} finite numbers "
+                                  f"(like its default {list(default)!r})")
+
+
 class Modality(ABC):
     """Base class for a modality. Subclasses set ``spec`` and implement the hooks.
 
@@ -69,9 +93,21 @@ class Modality(ABC):
     spec: ModalitySpec
     #: Options a stage file may set, with their defaults.
     default_options: dict[str, Any] = {}
+    #: Extensions (lower case) of this modality's input files: folders to index, uploads to search.
+    file_extensions: tuple[str, ...] = ()
+    #: Array rank of one raw input (3 for an HWC image); ``encode`` splits an array of one rank
+    #: more along its first axis. None: arrays are passed whole.
+    input_ndim: int | None = None
+
+    def example_inputs(self) -> list[Any]:
+        """A few raw inputs of different sizes, for exporting the backbone (``oneencoder export onnx
+        --with-backbone``); empty (the default) when the backbone is not an exportable graph."""
+        return []
 
     def __init__(self, **options: Any) -> None:
-        self.options = check_options(f"[modalities.{self.spec.name}]", self.default_options, options)
+        where = f"[modalities.{self.spec.name}]"
+        self.options = check_options(where, self.default_options, options)
+        check_numbers(where, self.default_options, self.options)
 
     # ----- identity -------------------------------------------------------
     @property
@@ -238,5 +274,8 @@ def modality_class_for(name: str, info: dict[str, Any]) -> type[Modality]:
         raise MissingDependencyError(f"modality {name!r} is defined by {path}, which is not importable here; "
                                      f"{how}") from None
     if name not in MODALITIES:
-        MODALITIES.register(cls)
+        try:
+            MODALITIES.register(cls)
+        except (AttributeError, TypeError, ValueError) as e:  # the record names something that is no modality class
+            raise ConfigError(f"modality {name!r}: the model records the class {path}, which is not one ({e})") from None
     return MODALITIES.get(name)

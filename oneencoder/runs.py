@@ -10,6 +10,7 @@ from typing import Any
 
 from .checkpoint import META
 from .config import StageConfig
+from .transaction import JOURNAL, PENDING
 
 RUN_SETTINGS = "settings.json"
 # Train settings that do not change what is learned.
@@ -64,6 +65,9 @@ def changed_settings(run_dir: Path, settings: dict[str, Any]) -> str | None:
 
 def remove_model_files(model_dir: Path) -> None:
     """Everything of an old model, including the runs of stages that built on its projection."""
+    (model_dir / JOURNAL).unlink(missing_ok=True)  # an interrupted update of the old model
+    for pending in [*model_dir.glob(f"*{PENDING}"), *model_dir.glob(f"adapters/*{PENDING}")]:
+        pending.unlink()
     (model_dir / META).unlink(missing_ok=True)
     (model_dir / "projection.safetensors").unlink(missing_ok=True)
     shutil.rmtree(model_dir / "adapters", ignore_errors=True)

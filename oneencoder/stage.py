@@ -36,6 +36,7 @@ from .pairs import (frozen_neighbours, load_pair_split, locked_anchor, model_mod
 from .runs import changed_settings, remove_model_files, run_settings, RUN_SETTINGS
 from .runtime import deterministic_on_cpu, pick_device, seed_everything
 from .train import Trainer
+from .transaction import recover
 
 __all__ = ["run_stage", "RUN_SETTINGS"]
 
@@ -171,6 +172,8 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
         started_over = False
     resuming, started_over = ddp.broadcast_object((resuming, started_over))
     with ddp.main_process_first():  # rank 0 clears an overwritten model before the others look
+        if ddp.is_main():
+            recover(model_dir)  # a model update a kill interrupted is finished (or undone) first
         model = _prepare_model(config, model_dir, metas, overwrite, resuming, replace or started_over, init_from)
     if ddp.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as ddp
 from .config import TrainConfig
-from .errors import ConfigError
+from .errors import ConfigError, OneEncoderError
 from .fileio import append_jsonl, atomic_path, write_json_atomic, write_jsonl_atomic
 from .runtime import pick_device
 
@@ -53,6 +53,10 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     floor = config.lr * config.min_lr_ratio
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TrainingDiverged(OneEncoderError):
+    """The loss became NaN or infinite: settings the ranges allow can still diverge."""
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -236,12 +240,19 @@ class Trainer:
         observe = getattr(self.sampler, "observe", None)
         if observe is not None and "per_sample" in out:  # self-paced curricula track per-sample losses
             observe(global_index, out["per_sample"].detach())
-        return {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        logs = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        if not math.isfinite(logs["loss"]):
+            raise TrainingDiverged(f"step {self.step}: the loss is {logs['loss']}; training diverged. Lower "
+                                   f"[train] lr (now {self.config.lr:g}) or raise warmup_steps, then rerun "
+                                   "with --overwrite (or --replace)")
+        return logs
 
     def fit(self) -> FitResult:
         """Train until ``epochs`` or ``patience`` epochs without improvement."""
         start = time.time()
         log_path = self.run_dir / "metrics.jsonl"
+        if self.step == 0 and self.rank == 0:
+            self._forget_logs_after(0)  # rows of a run killed before its first saved state
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.progress or self.rank != 0)
         while self.epoch < self.config.epochs and self.bad_epochs < self.config.patience:

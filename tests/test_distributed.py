@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 5
+EPOCHS = 3
 PER_RANK_BATCH = 8
 
 

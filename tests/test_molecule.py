@@ -146,7 +146,8 @@ def test_build_cache_rejects_invalid_smiles(mol, records, tmp_path) -> None:
     assert report.encoded + len(report.rejects) == len(subset)
     assert report.encoded >= 49
     rows = [json.loads(line) for line in rejects_path(tmp_path, "molecule").read_text().splitlines()]
-    assert {"id": "bad:1", "modality": "molecule", "reason": report.rejects["bad:1"]} in rows
+    assert [{k: r[k] for k in ("id", "modality", "reason")} for r in rows] == [
+        {"id": "bad:1", "modality": "molecule", "reason": report.rejects["bad:1"]}]  # rows also record the "input"
     with FeatureCache(cache_dir_for(tmp_path, "molecule"), mol.fingerprint(), readonly=True) as cache:
         assert "bad:1" not in cache.ids()
         good = next(r["id"] for r in subset if r["id"] not in report.rejects)

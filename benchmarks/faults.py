@@ -1,0 +1,265 @@
+"""Fault injection: ``kill -9`` at every file-write boundary and at random times, then resume.
+
+Every run is the real CLI in a subprocess. A *boundary kill* wraps ``os.replace`` (the
+last step of every atomic file write, see ``oneencoder/fileio.py``) so that the process
+dies with ``os._exit`` right after the k-th replacement: exactly between two writes. A
+*timed kill* sends SIGKILL to the process group after a random delay (the LMDB cache
+commits through its own transactions, not ``os.replace``). After each kill the same
+command runs again, to completion, and the result is compared byte for byte with an
+uninterrupted run: weights files, the cache's features and measurements, rejects, the
+metric log, and ``oneencoder.json`` without its wall-clock entries.
+
+``tests/test_faults.py`` runs a few kills of each kind; this script runs them all:
+
+    .venv/bin/python benchmarks/faults.py --out outputs/faults
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Runs the CLI with os.replace wrapped: FAULT_KILL_AT=k exits after the k-th call; FAULT_COUNT_FILE
+# receives the number of calls of a run that was not killed.
+_WRAPPER = """
+import atexit, os, sys
+_replace, _calls = os.replace, [0]
+_at = int(os.environ.get("FAULT_KILL_AT", "0"))
+def replace(*args, **kwargs):
+    _replace(*args, **kwargs)
+    _calls[0] += 1
+    if _calls[0] == _at:
+        os._exit(137)
+os.replace = replace
+if os.environ.get("FAULT_COUNT_FILE"):
+    atexit.register(lambda: open(os.environ["FAULT_COUNT_FILE"], "w").write(str(_calls[0])))
+sys.argv = ["oneencoder", *sys.argv[1:]]
+from oneencoder.cli.main import main
+main()
+"""
+# Wall-clock values that differ between any two runs.
+_VOLATILE = {"time", "train_seconds", "seconds"}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(args: list[str], kill_at: int = 0, count_file: Path | None = None,
+            timeout: float = 900) -> subprocess.CompletedProcess:
+    env = _env()
+    env["FAULT_KILL_AT"] = str(kill_at)
+    if count_file is not None:
+        env["FAULT_COUNT_FILE"] = str(count_file)
+    return subprocess.run([sys.executable, "-c", _WRAPPER, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def run_killed_after(args: list[str], seconds: float, timeout: float = 900) -> bool:
+    """Start the CLI and SIGKILL its whole process group after ``seconds``; True if it was still running."""
+    job = subprocess.Popen([sys.executable, "-c", _WRAPPER, *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    try:
+        job.wait(timeout=seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=timeout)
+        return True
+
+
+def _scrub(value):
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def fingerprint_model(model_dir: Path) -> dict[str, str]:
+    """sha256 of every weights file, the scrubbed ``oneencoder.json``, test report and metric log."""
+    out = {}
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        if "runs" not in path.relative_to(model_dir).parts:
+            out[str(path.relative_to(model_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    out["oneencoder.json"] = json.dumps(_scrub(json.loads((model_dir / "oneencoder.json").read_text())), sort_keys=True)
+    for rel in sorted(p.relative_to(model_dir) for p in model_dir.glob("runs/*/test.json")):
+        out[str(rel)] = json.dumps(_scrub(json.loads((model_dir / rel).read_text())), sort_keys=True)
+    for rel in sorted(p.relative_to(model_dir) for p in model_dir.glob("runs/*/metrics.jsonl")):
+        out[str(rel)] = (model_dir / rel).read_text()
+    return out
+
+
+def cached_ids(cache_dir: Path) -> set[str]:
+    """``modality/id`` of every cached feature."""
+    import lmdb
+
+    out = set()
+    for data in sorted(cache_dir.glob("*/data.mdb")):
+        env = lmdb.open(str(data.parent), readonly=True, lock=False)
+        with env.begin() as txn:
+            out |= {f"{data.parent.name}/{k[2:].decode()}" for k, _ in txn.cursor() if k.startswith(b"f/")}
+        env.close()
+    return out
+
+
+def fingerprint_cache(cache_dir: Path) -> dict[str, str]:
+    """Every cached entry (features, measurements, what they were computed from) per modality, and the rejects."""
+    import lmdb
+
+    out = {}
+    for data in sorted(cache_dir.glob("*/data.mdb")):
+        env = lmdb.open(str(data.parent), readonly=True, lock=False)
+        with env.begin() as txn:
+            digest = hashlib.sha256()
+            for key, value in txn.cursor():
+                digest.update(key + b"\0" + value)
+        env.close()
+        out[data.parent.name] = digest.hexdigest()
+    for rejects in sorted(cache_dir.glob("*.rejects.jsonl")):
+        out[rejects.name] = "".join(sorted(rejects.read_text().splitlines(keepends=True)))
+    return out
+
+
+@dataclass
+class Tally:
+    kind: str
+    kills: int = 0
+    resumed: int = 0
+    identical: int = 0
+    lost: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def row(self) -> str:
+        return f"| {self.kind} | {self.kills} | {self.resumed} | {self.identical} | {self.lost} |"
+
+
+def make_data(out: Path, per_split: dict[str, int]) -> Path:
+    """A manifest of real Tux Paint stamps: the first ``per_split[split]`` captioned ones of each split."""
+    sys.path.insert(0, str(REPO))
+    from oneencoder.datasets.tuxpaint import tuxpaint_records
+    from oneencoder.fileio import write_jsonl_atomic
+
+    taken = {s: 0 for s in per_split}
+    rows = []
+    for rec in tuxpaint_records():
+        if rec["caption"] and taken.get(rec["split"], 0) < per_split.get(rec["split"], 0):
+            rows.append(rec)
+            taken[rec["split"]] += 1
+    rows.append({"id": "broken-file", "image": "/nonexistent/stamp.png", "caption": "A lost stamp.", "split": "train"})
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out / "manifest.jsonl", rows)
+    return out / "manifest.jsonl"
+
+
+def stage_file(out: Path, manifest: Path, cache: Path, epochs: int) -> Path:
+    """The shipped Stage 1, short, on this data."""
+    text = (REPO / "stages" / "image_text.toml").read_text()
+    text = text.replace('manifest = "outputs/demo/manifest.jsonl"', f'manifest = "{manifest}"')
+    text = text.replace('cache_dir = "outputs/demo/cache"', f'cache_dir = "{cache}"')
+    text = text.replace("epochs = 40", f"epochs = {epochs}").replace("batch_size = 128", "batch_size = 16")
+    text = text.replace("warmup_steps = 30", "warmup_steps = 2")
+    path = out / "stage.toml"
+    path.write_text(text)
+    return path
+
+
+def _check(tally: Tally, done: subprocess.CompletedProcess, got: dict, want: dict, label: str,
+           lost: int = 0) -> None:
+    if done.returncode != 0:
+        tally.failures.append(f"{label}: rerun exited {done.returncode}: {done.stderr.strip()[-300:]}")
+        return
+    tally.resumed += 1
+    if got == want:
+        tally.identical += 1
+    else:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        tally.failures.append(f"{label}: differs in {diff}")
+    tally.lost += lost
+
+
+def train_boundaries(work: Path, stage: Path, kills: list[int] | None = None) -> tuple[Tally, int]:
+    """Kill ``train`` after each listed ``os.replace`` (all of them when None); resume; compare."""
+    reference = work / "reference"
+    count = work / "replace-count"
+    args = ["train", "--stage", str(stage), "--model"]
+    done = run_cli([*args, str(reference)], count_file=count)
+    assert done.returncode == 0, done.stderr[-2000:]
+    total = int(count.read_text())
+    want = fingerprint_model(reference)
+    tally = Tally("train, at file-write boundaries")
+    for k in kills if kills is not None else range(1, total + 1):
+        model = work / f"killed-{k}"
+        first = run_cli([*args, str(model)], kill_at=k)
+        if first.returncode != 137:
+            tally.failures.append(f"boundary {k}: not killed (exit {first.returncode})")
+            continue
+        tally.kills += 1
+        _check(tally, run_cli([*args, str(model)]), fingerprint_model(model), want, f"boundary {k}/{total}")
+        shutil.rmtree(model)
+    return tally, total
+
+
+def cache_timed_kills(work: Path, stage: Path, manifest: Path, cache_root: Path, delays: list[float]) -> Tally:
+    """SIGKILL ``cache build`` after each delay (and again while it has not finished); resume; compare."""
+    args = ["cache", "build", "--stage", str(stage), "--manifest", str(manifest), "--workers", "2", "--cache-dir"]
+    reference = work / "cache-reference"
+    done = run_cli([*args, str(reference)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    want, want_ids = fingerprint_cache(reference), cached_ids(reference)
+    tally = Tally("cache build, at random times")
+    for i, delay in enumerate(delays):
+        root = work / f"cache-killed-{i}"
+        if run_killed_after([*args, str(root)], delay):
+            tally.kills += 1
+        done = run_cli([*args, str(root)])
+        _check(tally, done, fingerprint_cache(root), want, f"cache kill after {delay:.1f} s",
+               lost=len(want_ids - cached_ids(root)))
+        shutil.rmtree(root)
+    return tally
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "faults")
+    parser.add_argument("--cache-kills", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    work = args.out
+    shutil.rmtree(work, ignore_errors=True)
+    manifest = make_data(work / "data", {"train": 36, "val": 14, "test": 14})
+    cache = work / "data" / "cache"
+    stage = stage_file(work, manifest, cache, args.epochs)
+    start = time.time()
+    rng = random.Random(args.seed)
+    cache_tally = cache_timed_kills(work, stage, manifest, cache, [rng.uniform(4.0, 20.0) for _ in range(args.cache_kills)])
+    shutil.copytree(work / "cache-reference", cache)
+    train_tally, total = train_boundaries(work, stage)
+    print(f"\n{total} file-write boundaries in one {args.epochs}-epoch train run; "
+          f"{time.time() - start:.0f} s in all\n")
+    print("| kills of | kills | reruns that resumed | byte-identical results | samples lost |")
+    print("| --- | --- | --- | --- | --- |")
+    for tally in (cache_tally, train_tally):
+        print(tally.row())
+    for tally in (cache_tally, train_tally):
+        for failure in tally.failures:
+            print(f"FAIL {tally.kind}: {failure}")
+    sys.exit(1 if cache_tally.failures or train_tally.failures else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""``oneencoder export onnx``: a model's per-modality heads (and optionally backbones) as ONNX graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ._common import echo, quiet_libraries, user_errors
+
+app = typer.Typer(help="Export a model for runtimes without oneencoder or PyTorch.", no_args_is_help=True)
+
+
+@app.command("onnx")
+@user_errors
+def onnx(
+    model: Path = typer.Option(..., "--model", "-m", help="Model directory."),
+    modality: Optional[List[str]] = typer.Option(None, "--modality",
+                                                 help="Modality to export (repeatable; default: all the model holds)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the .onnx files and export.json."),
+    with_backbone: bool = typer.Option(False, "--with-backbone",
+                                       help="Also export text and image end to end (token ids / pixels in), "
+                                            "the frozen backbone included."),
+    opset: int = typer.Option(18, help="ONNX opset version (18 or newer: the exporter's own)."),
+    check: bool = typer.Option(True, "--check/--no-check",
+                               help="Run each graph in onnxruntime and compare it with PyTorch."),
+) -> None:
+    """Per modality: adapter + Universal Projection (+ language prior) on cached backbone features.
+
+    Example:  oneencoder export onnx --model outputs/demo/model --out outputs/demo/onnx --with-backbone
+    """
+    quiet_libraries()
+    from oneencoder.export import export_onnx
+
+    report = export_onnx(model, out, modalities=modality or None, with_backbone=with_backbone, opset=opset,
+                         check=check)
+    for graph in report["graphs"]:
+        parity = f", max |onnxruntime - torch| {graph['max_abs_diff']:.1e}" if "max_abs_diff" in graph else ""
+        echo(f"wrote {out / graph['file']}: {graph['modality']} ({graph['input']}) -> {graph['output_dim']}-d{parity}")
+    echo(f"wrote {out / 'export.json'}")

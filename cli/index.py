@@ -1,0 +1,50 @@
+"""``oneencoder index build``: embed a manifest, a folder or a list file into a searchable index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+import oneencoder
+from oneencoder.errors import OneEncoderError
+from oneencoder.index import KINDS
+from oneencoder.index_build import build_index, read_sources
+
+from ._common import echo, quiet_libraries, user_errors
+
+app = typer.Typer(help="Vector indexes for `oneencoder search` and `oneencoder serve`.", no_args_is_help=True)
+
+
+@app.command("build")
+@user_errors
+def build(
+    model: Path = typer.Option(..., "--model", "-m", help="Model directory."),
+    modality: str = typer.Option(..., "--modality", help="Modality of the indexed inputs, e.g. image."),
+    data: Path = typer.Option(..., "--data", "-d",
+                              help="Manifest (.jsonl), folder (its files of the modality), or a list file "
+                                   "(.txt/.smi, one input per line)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Index directory to write."),
+    kind: str = typer.Option("auto", help=f"{' | '.join(KINDS)}: auto is exact up to 100,000 vectors, "
+                                          "a faiss IVF index above."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Inputs per backbone forward."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an index already at --out."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted build."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Embed every input and write vectors, items, the model's checksums and rejects to --out.
+
+    Example:  oneencoder index build --model outputs/demo/model --modality image
+    --data outputs/demo/manifest.jsonl --out outputs/demo/index-image
+    """
+    quiet_libraries()
+    if kind not in KINDS:
+        raise OneEncoderError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
+    m = oneencoder.load(model, device=device)
+    m.modality(modality)  # one line if the model lacks it, before reading the data
+    sources, without = read_sources(data, modality)
+    report = build_index(m, modality, sources, out, kind=kind, batch_size=batch_size, progress=progress,
+                         resume=resume, overwrite=overwrite, extra={"data": str(data.resolve())})
+    report.without_input = without
+    echo(report.summary())
