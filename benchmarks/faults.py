@@ -81,6 +81,21 @@ def run_killed_after(args: list[str], seconds: float, timeout: float = 900) -> b
         return True
 
 
+def run_killed_once_writing(args: list[str], started: Path, after: float, timeout: float = 900) -> bool:
+    """Start the CLI, and SIGKILL it ``after`` seconds once ``started`` exists (its first write); True if killed."""
+    job = subprocess.Popen([sys.executable, "-c", _WRAPPER, *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    deadline = time.time() + timeout
+    while not started.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(after)
+    if job.poll() is not None:
+        return False
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=timeout)
+    return True
+
+
 def _scrub(value):
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items() if k not in _VOLATILE}
@@ -238,6 +253,7 @@ def main() -> None:
     parser.add_argument("--cache-kills", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["cache", "train"], help="run one kind of kill only")
     args = parser.parse_args()
     work = args.out
     shutil.rmtree(work, ignore_errors=True)
@@ -246,19 +262,25 @@ def main() -> None:
     stage = stage_file(work, manifest, cache, args.epochs)
     start = time.time()
     rng = random.Random(args.seed)
-    cache_tally = cache_timed_kills(work, stage, manifest, cache, [rng.uniform(4.0, 20.0) for _ in range(args.cache_kills)])
-    shutil.copytree(work / "cache-reference", cache)
-    train_tally, total = train_boundaries(work, stage)
-    print(f"\n{total} file-write boundaries in one {args.epochs}-epoch train run; "
-          f"{time.time() - start:.0f} s in all\n")
+    tallies = []
+    if args.only != "train":
+        delays = [rng.uniform(3.0, 15.0) for _ in range(args.cache_kills)]
+        tallies.append(cache_timed_kills(work, stage, manifest, cache, delays))
+    if args.only != "cache":
+        if not cache.exists():
+            run_cli(["cache", "build", "--stage", str(stage), "--workers", "0"])
+        train_tally, total = train_boundaries(work, stage)
+        tallies.append(train_tally)
+        print(f"\n{total} file-write boundaries in one {args.epochs}-epoch train run")
+    print(f"{time.time() - start:.0f} s in all\n")
     print("| kills of | kills | reruns that resumed | byte-identical results | samples lost |")
     print("| --- | --- | --- | --- | --- |")
-    for tally in (cache_tally, train_tally):
+    for tally in tallies:
         print(tally.row())
-    for tally in (cache_tally, train_tally):
+    for tally in tallies:
         for failure in tally.failures:
             print(f"FAIL {tally.kind}: {failure}")
-    sys.exit(1 if cache_tally.failures or train_tally.failures else 0)
+    sys.exit(1 if any(t.failures for t in tallies) else 0)
 
 
 if __name__ == "__main__":
