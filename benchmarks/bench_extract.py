@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", default=str(REPO / "stages" / "image_text.toml"), help="stage file (default: %(default)s)")
     p.add_argument("--modalities", default="image,text", help="comma-separated (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=128, help="images per arm; text takes 4x as many (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=128, help="images per arm; text takes 8x as many (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s, as `cache build`)")
     p.add_argument("--workers", default="0,1,2", help="build arms' DataLoader workers (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="alternations of the arms (default: %(default)s)")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             m = modalities[name]
-            records = stamps[: args.limit * (4 if name == "text" else 1)]
+            records = stamps[: args.limit * (8 if name == "text" else 1)]
             m.fingerprint()  # the probe and weight hashes, once (cached by the modality)
             backbone = m.load_backbone()
             m.load_backbone = lambda b=backbone: b  # the build arms reuse it: its load is not a rate
