@@ -11,6 +11,7 @@ import typer
 
 from oneencoder.errors import OneEncoderError
 from oneencoder.fileio import storage_errno, storage_error
+from oneencoder.progress import status
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,4 +85,10 @@ def data_overrides(manifest: Optional[Path], cache_dir: Optional[Path]) -> dict[
 
 
 def echo(msg: str = "") -> None:
+    """A line of the command's result, on stdout (``--quiet`` keeps it)."""
     typer.echo(msg)
+
+
+def note(msg: str) -> None:
+    """A status line on stderr (a step begins, a sample was skipped); ``--quiet`` drops it."""
+    status(msg)

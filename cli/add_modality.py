@@ -9,7 +9,7 @@ import typer
 
 from oneencoder.progressive import add_modality as add_modality_to_model
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import echo, note, quiet_libraries, user_errors
 from .train import print_results
 
 
@@ -33,7 +33,7 @@ def add_modality(
     quiet_libraries()
     summary = add_modality_to_model(modality, model, data, anchor=anchor, cache_dir=cache_dir, stage=stage,
                                     overrides={"train": {"epochs": epochs, "seed": seed}}, replace=replace,
-                                    workers=workers, log=echo)
+                                    workers=workers, log=note)
     if summary is None:  # a rank > 0 under torchrun: rank 0 reports
         return
     echo(f"added {modality} (aligned to {summary['pair'][1]}): best epoch {summary['best_epoch']} of "

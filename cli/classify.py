@@ -10,6 +10,7 @@ import typer
 
 import oneencoder
 from oneencoder.errors import OneEncoderError
+from oneencoder.metrics import format_number
 
 from ._common import echo, quiet_libraries, user_errors
 
@@ -49,11 +50,10 @@ def classify(
     result = m.classify(modality, list(inputs), names, template=template if len(template) > 1 else template[0], k=k)
     if as_json:
         echo(json.dumps({"modality": modality, "labels": result.labels, "template": template,
-                         "results": [{"input": x, "top": [{**t, "score": round(t["score"], 4),
-                                                            "prob": round(t["prob"], 4)} for t in top]}
+                         "results": [{"input": x, "top": top}
                                      for x, top in zip(inputs, result.to_json())]}, ensure_ascii=False))
         return
     for x, top in zip(inputs, result.top):
         echo(x)
         for rank, (label, score, prob) in enumerate(top, 1):
-            echo(f"  {rank}. {label:24s} cos {score:+.3f}  p {prob:.3f}")
+            echo(f"  {rank}. {label:24s} cos {format_number(score, signed=True)}  p {format_number(prob)}")

@@ -15,7 +15,7 @@ from oneencoder.datasets.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_recor
 from oneencoder.fileio import ensure_writable
 from oneencoder.manifest import write_manifest
 
-from ._common import echo, user_errors
+from ._common import echo, note, user_errors
 
 app = typer.Typer(help="Build dataset manifests (JSONL) from installed data.", no_args_is_help=True)
 
@@ -37,7 +37,7 @@ def build_tuxpaint_audio(out: Path, root: Path = DEFAULT_ROOT, augment: int = 4,
 
         extra, rejects = augment_records(base, out.parent / "augmented", augment)
         for reject in rejects:
-            echo(f"skipped {reject['id']}: {reject['reason']}")
+            note(f"skipped {reject['id']}: {reject['reason']}")
     return _write(out, base + extra, lambda rows: {**summarize(base), "augmented": len(extra),
                                                    "rejected": len(rejects)})
 
@@ -248,9 +248,9 @@ def import_table(
 
     report = run_import(file, out, maps or [], fmt=fmt, split_col=split_col, val=val, test=test,
                         group_col=group_col, id_col=id_col)
-    for note in report.notes:
-        echo(f"note: {note}")
+    for line in report.notes:
+        note(f"note: {line}")
     if report.straddling:
-        echo(f"note: {report.straddling} group(s) lie in more than one split (column {split_col!r}): "
+        note(f"note: {report.straddling} group(s) lie in more than one split (column {split_col!r}): "
              "some test samples share a group, e.g. a caption, with training ones")
     echo(report.summary())

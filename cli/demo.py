@@ -15,7 +15,7 @@ from oneencoder.pairs import stage_modalities
 from oneencoder.stage import run_stage
 from oneencoder.runtime import pick_device
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import echo, note, quiet_libraries, user_errors
 from .train import print_results
 
 
@@ -35,7 +35,7 @@ def demo(
     quiet_libraries()
     start = time.time()
     summary = run_stage1(out, root, stage, workers)
-    echo("[4/4] evaluation")
+    note("[4/4] evaluation")
     print_results(summary["test"])
     model_dir = out / "model"
     echo(f"done in {time.time() - start:.0f} s. Try:\n"
@@ -49,16 +49,16 @@ def run_stage1(out: Path, root: Path = DEFAULT_ROOT, stage: str = "image_text", 
     """Tux Paint manifest, feature cache and Stage-1 training into ``out`` (the model into
     ``model_dir``, default ``out/model``); returns the stage summary."""
     manifest, cache_dir, model_dir = out / "manifest.jsonl", out / "cache", model_dir or out / "model"
-    echo(f"{step.format(i=1)} dataset manifest")
+    note(f"{step.format(i=1)} dataset manifest")
     records = tuxpaint_records(root)
     write_jsonl_atomic(manifest, records)
-    echo("  " + ", ".join(f"{k}={v}" for k, v in summarize(records).items()))
+    note("  " + ", ".join(f"{k}={v}" for k, v in summarize(records).items()))
     config = load_stage(stage, {"data": {"manifest": str(manifest), "cache_dir": str(cache_dir)}})
-    echo(f"{step.format(i=2)} feature cache (each frozen backbone runs once per sample)")
+    note(f"{step.format(i=2)} feature cache (each frozen backbone runs once per sample)")
     for name, modality in stage_modalities(config).items():
         report = build_cache(modality, records, cache_dir, num_workers=workers, device=pick_device("auto"))
-        echo(f"  {report.summary()}" + (f" -> {rejects_path(cache_dir, name)}" if report.rejects else ""))
-    echo(f"{step.format(i=3)} train stage {config.name} -> {model_dir}")
+        note(f"  {report.summary()}" + (f" -> {rejects_path(cache_dir, name)}" if report.rejects else ""))
+    note(f"{step.format(i=3)} train stage {config.name} -> {model_dir}")
     summary = run_stage(config, model_dir, resume=True, overwrite=True, restart_if_changed=True)
-    echo(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")
+    note(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")
     return summary

@@ -15,7 +15,7 @@ import typer
 from oneencoder.progressive import add_modality
 from oneencoder.summary import format_results, write_results
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import echo, note, quiet_libraries, user_errors
 from .data import build_chemicals, build_pybullet_rgbd, build_pybullet_video, build_tuxpaint_audio
 from .demo import run_stage1
 
@@ -39,9 +39,9 @@ def demo_all(
     model = out / "model"
     tic = time.time()
     if (model / "runs" / "image_text" / "test.json").exists():  # retraining it would orphan later adapters
-        echo(f"== stage 1: image + text already trained in {model}")
+        note(f"== stage 1: image + text already trained in {model}")
     else:
-        echo("== stage 1: image + text (Tux Paint stamps)")
+        note("== stage 1: image + text (Tux Paint stamps)")
         run_stage1(out / "tuxpaint", step="  [{i}/3]", model_dir=model, workers=workers)
     timings["image+text"] = time.time() - tic
     # (modality, anchor, manifest builder, cache root). The audio manifest holds the same stamp
@@ -54,11 +54,11 @@ def demo_all(
     ]
     for modality, anchor, build, cache_dir in steps:
         tic = time.time()
-        echo(f"== add {modality} (aligned to {anchor})")
+        note(f"== add {modality} (aligned to {anchor})")
         manifest = build()
         summary = add_modality(modality, model, manifest, anchor=anchor, cache_dir=cache_dir, workers=workers,
-                               restart_if_changed=True, log=echo)
-        echo(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")
+                               restart_if_changed=True, log=note)
+        note(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")
         timings[modality] = time.time() - tic
     rows, json_path, png_path = write_results(model, out)
     echo("\nheld-out retrieval, every stage (chance level in brackets):")

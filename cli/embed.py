@@ -11,6 +11,7 @@ import typer
 import oneencoder
 from oneencoder.errors import OneEncoderError
 from oneencoder.fileio import atomic_path, ensure_writable, not_utf8, write_json_atomic
+from oneencoder.metrics import format_number
 
 from ._common import echo, quiet_libraries, user_errors
 
@@ -61,4 +62,4 @@ def embed(
     if query:
         scores = m.similarity(m.encode("text", [query]), emb)[0]
         for rank, i in enumerate(scores.argsort(descending=True)[:10].tolist(), 1):
-            echo(f"{rank:2d}. {scores[i]:+.3f}  {items[i]}")
+            echo(f"{rank:2d}. {format_number(scores[i], signed=True)}  {items[i]}")

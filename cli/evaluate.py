@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,7 @@ from oneencoder.evaluate import evaluate_samples
 from oneencoder.fileio import ensure_writable, write_json_atomic
 from oneencoder.manifest import read_manifest
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import echo, note, quiet_libraries, user_errors
 from .train import print_results
 
 
@@ -25,10 +26,13 @@ def evaluate(
     cache_dir: Path = typer.Option(Path("outputs/demo/cache"), help="Feature cache root (missing features are built)."),
     split: str = typer.Option("test", help="train, val or test."),
     out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: <model>/eval-<split>.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object instead of tables."),
 ) -> None:
     """Recall@1/5/10, mAP, NDCG@10, R-Precision, MRR, median rank, with chance levels.
 
     Example:  oneencoder eval --model outputs/demo/model --split test
+
+    For scripts:  oneencoder --quiet eval --model outputs/demo/model --json | python -m json.tool
     """
     quiet_libraries()
     net, meta = load_model(model)  # registers the model's recorded modality classes first
@@ -45,5 +49,9 @@ def evaluate(
         build_cache(m, records, cache_dir, progress=True)
     results = evaluate_samples(net, modalities, records, cache_dir, split)
     write_json_atomic(path, results)
+    if as_json:
+        echo(json.dumps(results, ensure_ascii=False))
+        note(f"wrote {path}")
+        return
     print_results(results)
     echo(f"wrote {path}")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from oneencoder.checkpoint import modality_from_meta, read_meta, verify_files
 from oneencoder.config import projection_from_dict
 from oneencoder.errors import OneEncoderError
+from oneencoder.metrics import format_number
 
 from ._common import echo, user_errors
+
+_SHOWN_METRICS = ("R@1", "R@5", "R@10", "MRR")
 
 
 def backbone_status(name: str, info: dict) -> str:
@@ -24,30 +29,50 @@ def backbone_status(name: str, info: dict) -> str:
     return "backbone present, checksum OK"
 
 
+def _test_results(stage: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"test" | "test[<subset>]": {direction: {metric: value}}}`` of one stage entry."""
+    return {key: {d: m for d, m in value.items() if isinstance(m, dict)}
+            for key, value in stage.items() if (key == "test" or key.startswith("test[")) and isinstance(value, dict)}
+
+
+def describe(model: Path) -> dict[str, Any]:
+    """The model directory's record, its files verified, with each backbone's status here."""
+    meta = read_meta(model)  # checked: every key used below is there, with its type
+    verify_files(model, meta)
+    return {"model": str(model), "checksums": "OK", **meta,
+            "backbones": {name: backbone_status(name, m) for name, m in meta["modalities"].items()}}
+
+
 @user_errors
-def info(model: Path = typer.Argument(..., help="Model directory.")) -> None:
+def info(
+    model: Path = typer.Argument(..., help="Model directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the model's record as one JSON object."),
+) -> None:
     """List modalities with their backbones, the stage history and its metrics; verify checksums.
 
     Example:  oneencoder info outputs/demo/model
+
+    For scripts:  oneencoder info outputs/demo/model --json | python -m json.tool
     """
-    meta = read_meta(model)  # checked: every key used below is there, with its type
-    verify_files(model, meta)
-    p = projection_from_dict(meta["projection"], f"{model}: projection")
-    echo(f"{model}: d_model={meta['d_model']}, projection {p.layers} layer(s) x {p.heads} heads, "
-         f"{len(meta['files'])} files, checksums OK")
+    record = describe(model)
+    if as_json:
+        echo(json.dumps(record, ensure_ascii=False))
+        return
+    p = projection_from_dict(record["projection"], f"{model}: projection")
+    echo(f"{model}: d_model={record['d_model']}, projection {p.layers} layer(s) x {p.heads} heads, "
+         f"{len(record['files'])} files, checksums OK")
     echo("modalities:")
-    for name, m in meta["modalities"].items():
+    for name, m in record["modalities"].items():
         echo(f"  {name:10s} backbone={m['backbone']}  dim={m['feature_dim']}  tokens<={m['max_tokens']}  "
-             f"preprocess={m['preprocess_version']}  [{backbone_status(name, m)}]")
+             f"preprocess={m['preprocess_version']}  [{record['backbones'][name]}]")
         if m.get("class"):
             dist = f" from {m['distribution']} {m.get('distribution_version', '')}" if m.get("distribution") else ""
             echo(f"  {'':10s} class={m['class']}{dist}")
     echo("stages:")
-    for s in meta["stages"]:
+    for s in record["stages"]:
         echo(f"  {s['name']:12s} {'+'.join(s['pair'])}  trained={','.join(s['trainable'])}  "
              f"n_train={s.get('n_train')}  {s.get('time', '')}")
-        for key in [k for k in s if (k == "test" or k.startswith("test[")) and isinstance(s[k], dict)]:
-            for direction, metrics in s[key].items():
-                numbers = metrics if isinstance(metrics, dict) else {}
-                shown = [k for k in ("R@1", "R@5", "R@10", "MRR") if isinstance(numbers.get(k), (int, float))]
-                echo(f"    {key} {direction}: " + "  ".join(f"{k}={metrics[k]:.3f}" for k in shown))
+        for key, directions in _test_results(s).items():
+            for direction, metrics in directions.items():
+                shown = [k for k in _SHOWN_METRICS if isinstance(metrics.get(k), (int, float))]
+                echo(f"    {key} {direction}: " + "  ".join(f"{k}={format_number(metrics[k])}" for k in shown))

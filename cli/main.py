@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import platform
+from importlib import metadata
 from typing import List, Optional
 
 import typer
 
+from oneencoder import __version__
+from oneencoder.progress import configure
 from oneencoder.registry import import_plugins
 
 from . import cache, curriculum, data, export, index
@@ -32,14 +36,33 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"oneencoder {__version__} (torch {_installed('torch')}, Python {platform.python_version()})")
+        raise typer.Exit()
+
+
+def _installed(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 @app.callback()
 def _global_options(
     plugin: Optional[List[str]] = typer.Option(
         None, "--plugin", "-p", metavar="MODULE",
         help="Import MODULE first, so the modalities it registers can be used (repeatable). "
              "Installed plugins (entry point group oneencoder.modalities) need no flag."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Print only results and errors: no progress bars, no status lines."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (status lines stay)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
-    """Options for every command."""
+    """Options for every command; they go before it: oneencoder --quiet train --stage image_text."""
+    configure(progress=False if no_progress else None, quiet=True if quiet else None)
     with_user_errors(import_plugins)(tuple(plugin or ()))
 
 

@@ -13,6 +13,7 @@ from oneencoder.api import OneEncoder
 from oneencoder.errors import OneEncoderError
 from oneencoder.index import VectorIndex, load_index
 from oneencoder.inputs import modality_of_file
+from oneencoder.metrics import format_number
 
 from ._common import echo, quiet_libraries, user_errors
 
@@ -79,7 +80,7 @@ def search(
     if as_json:
         echo(json.dumps({"query": {"modality": modality, "input": shown}, "model": str(m.model_dir),
                          "results": [{"index": str(path), "modality": ix.modality, "kind": ix.kind, "count": len(ix),
-                                      "hits": [{**h, "score": round(h["score"], 4)} for h in hits]}
+                                      "hits": hits}
                                      for path, ix, hits in results]}, ensure_ascii=False))
         return
     echo(f"{modality} query: {shown}")
@@ -87,4 +88,4 @@ def search(
         echo(f"{path} ({ix.modality}, {len(ix)} vectors, {ix.kind}):")
         for h in hits:
             shown_input = h.get("caption") or h.get("input") or ""
-            echo(f"  {h['rank']:3d}. {h['score']:+.3f}  {h['id']}" + (f"  {shown_input}" if shown_input != h["id"] else ""))
+            echo(f"  {h['rank']:3d}. {format_number(h['score'], signed=True)}  {h['id']}" + (f"  {shown_input}" if shown_input != h["id"] else ""))

@@ -9,7 +9,7 @@ import typer
 
 from oneencoder.errors import OneEncoderError
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import quiet_libraries, user_errors
 
 
 @user_errors
@@ -30,7 +30,7 @@ def serve(
 
     app = create_app(model, index, k=k, device=device)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        echo(f"warning: serving on {host}: anyone who can reach this address can query the model")
+        typer.secho(f"warning: serving on {host}: anyone who can reach this address can query the model", err=True)
     try:
         run(app, host=host, port=port)
     except OSError as e:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .checkpoint import load_model, modality_from_meta
 from .errors import OneEncoderError, SampleError
@@ -79,10 +79,10 @@ class OneEncoder:
         if batch_size < 1:
             raise OneEncoderError(f"batch_size must be >= 1, got {batch_size}")
         backbone = self._backbone(modality)
-        # None: a bar only for inputs that take a while, and only on a terminal (tqdm's disable=None).
+        # None: a bar only for inputs that take a while, and only on a terminal.
         long = len(items) > _PROGRESS_MIN_BATCHES * batch_size
-        disable = (None if long else True) if progress is None else not progress
-        bar = tqdm(total=len(items), desc=f"encode {modality}", unit=modality, disable=disable)
+        shown = (None if long else False) if progress is None else progress
+        bar = progress_bar(total=len(items), desc=f"encode {modality}", unit=modality, enabled=shown)
         out, kept = [], []
         with bar:
             for start in range(0, len(items), batch_size):

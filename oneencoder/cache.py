@@ -33,7 +33,7 @@ import lmdb
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .errors import CacheMismatchError, OneEncoderError, SampleError
 from .fileio import write_json_atomic, write_jsonl_atomic
@@ -466,7 +466,7 @@ def _encode(modality: Modality, todo: list[dict], key: str, plan: _Plan, cache: 
     backbone = modality.load_backbone().to(device)
     loader = DataLoader(_SampleDataset(modality, todo, key), batch_size=batch_size, collate_fn=_Collate(modality),
                         **loader_options(num_workers, device))
-    with tqdm(total=len(todo), desc=f"cache {modality.spec.name}", unit="sample", disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc=f"cache {modality.spec.name}", unit="sample", enabled=progress) as bar:
         for ids, raws, batch, rejects in loader:
             report.rejects.update(rejects)
             rows = []

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .errors import ConfigError, OneEncoderError, SampleError
 from .fileio import write_jsonl_atomic
@@ -315,8 +315,7 @@ def import_table(src: str | Path, out: str | Path, mapping: Sequence[str], *, fm
 
     loaders: dict[str, Any] = {}
     seen: dict[str, int] = {}
-    # disable=None: tqdm shows no bar when stderr is not a terminal.
-    for row, rec in tqdm(list(zip(rows, records)), desc="check files", unit="row", disable=None if progress else True):
+    for row, rec in progress_bar(list(zip(rows, records)), desc="check files", unit="row", enabled=progress):
         problem = row.problem
         if rec is not None:
             del rec["_values"]

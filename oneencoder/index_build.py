@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .errors import OneEncoderError
 from .fileio import atomic_path, sha256_text, write_json_atomic, write_jsonl_atomic
@@ -128,8 +128,8 @@ def build_index(model: "OneEncoder", modality: str, sources: list[dict[str, Any]
     parts = range(0, len(sources), chunk)
     done = [p for p in parts if (work / f"part-{p:09d}.jsonl").exists()]
     resumed = sum(min(chunk, len(sources) - p) for p in done)
-    with tqdm(total=len(sources), initial=resumed, desc=f"index {modality}", unit=modality,
-              disable=not progress) as bar:
+    with progress_bar(total=len(sources), initial=resumed, desc=f"index {modality}", unit=modality,
+                      enabled=progress) as bar:
         for start in parts:
             if start in done:
                 continue

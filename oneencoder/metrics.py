@@ -35,6 +35,8 @@ from .search import block_rows, score_blocks
 
 # NDCG is reported at this cutoff (clipped to the gallery size).
 _NDCG_K = 10
+# Decimals of every number shown as text (tables, info, search, classify).
+DECIMALS = 3
 # Rows of a [Q, G] problem processed at once, so that Q = G = 5000 stays well
 # under a gigabyte of temporaries.
 _CHUNK_ELEMENTS = 1 << 22
@@ -430,6 +432,11 @@ def chance_metrics_from_counts(
                                          "median_rank", "n_queries", "n_gallery")}
 
 
+def format_number(value: float, signed: bool = False) -> str:
+    """How every metric and score is shown in text: 3 decimals (JSON output keeps full precision)."""
+    return f"{value:+.{DECIMALS}f}" if signed else f"{value:.{DECIMALS}f}"
+
+
 def format_table(
     rows: list[tuple[str, dict[str, float], dict[str, float]]], keys: tuple[str, ...] = ("R@1", "R@5", "R@10")
 ) -> str:
@@ -448,7 +455,7 @@ def format_table(
     """
     header = ["direction", *keys]
     body = [
-        [label, *(f"{metrics[k]:.3f} (chance {chance[k]:.3f})" for k in keys)] for label, metrics, chance in rows
+        [label, *(f"{format_number(metrics[k])} (chance {format_number(chance[k])})" for k in keys)] for label, metrics, chance in rows
     ]
     widths = [max(len(line[col]) for line in [header, *body]) for col in range(len(header))]
 

@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .manifest import read_manifest
 from .modality import get_modality_class
 from .pairs import model_modalities, stage_modalities
+from .progress import status
 from .registry import import_plugins
 from .runtime import pick_device
 from .stage import run_stage
@@ -70,7 +71,7 @@ def add_modality_config(modality: str, manifest: str | Path, *, anchor: str | No
 def add_modality(modality: str, model_dir: str | Path, manifest: str | Path, *, anchor: str | None = None,
                  cache_dir: str | Path | None = None, stage: str | Path | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None, replace: bool = False,
-                 restart_if_changed: bool = False, workers: int = 2, log: Callable[[str], None] = print,
+                 restart_if_changed: bool = False, workers: int = 2, log: Callable[[str], None] = status,
                  progress: bool = True) -> dict[str, Any] | None:
     """Cache features, then train ``modality`` against the frozen ``anchor`` of ``model_dir``.
 

@@ -33,6 +33,7 @@ from .modality import Modality
 from .objective import PairObjective, retrieval_validator, stage_loss
 from .pairs import (frozen_neighbours, load_pair_split, locked_anchor, model_modalities, pooled_frozen,
                     require_pairs, stage_difficulty, stage_modalities, train_difficulty, train_trust)
+from .progress import status
 from .runs import changed_settings, remove_model_files, run_settings, RUN_SETTINGS
 from .runtime import deterministic_on_cpu, pick_device, seed_everything
 from .train import Trainer
@@ -100,7 +101,7 @@ def _resolve_run(config: StageConfig, run_dir: Path, settings: dict[str, Any], r
         raise OneEncoderError(f"{run_dir} holds a run of {config.name!r} {changed}, so it cannot be resumed; "
                               f"pass {flag} to start it over")
     if changed:
-        print(f"{config.name}: the run in {run_dir} was {changed}; starting it over")
+        status(f"{config.name}: the run in {run_dir} was {changed}; starting it over")
         shutil.rmtree(run_dir)
         return False, True
     return resuming, False
@@ -239,7 +240,7 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     # ----- train, then test the best checkpoint
     trainer = Trainer(config.train, objective, sampler, validate, on_best, run_dir, device, progress, callbacks)
     if resuming and trainer.try_resume() and ddp.is_main():
-        print(f"resuming {config.name} from step {trainer.step} (epoch {trainer.epoch})")
+        status(f"resuming {config.name} from step {trainer.step} (epoch {trainer.epoch})")
     fit = trainer.fit()
     summary = _test(config, model_dir, run_dir, modalities, records, anchor, fit) if ddp.is_main() else None
     ddp.barrier()  # no rank leaves before the model directory is final
@@ -263,15 +264,16 @@ def _test(config: StageConfig, model_dir: Path, run_dir: Path, modalities: dict[
     return summary
 
 
-def _rounded(directions: dict) -> dict:
-    return {d: {k: round(v, 4) for k, v in r["metrics"].items()} for d, r in directions.items()}
+def _metrics_of(directions: dict) -> dict:
+    # Unrounded: a value rounded here and again when shown would differ from `eval`'s.
+    return {d: dict(r["metrics"]) for d, r in directions.items()}
 
 
 def _record_test_metrics(model_dir: Path, meta: dict, stage: str, test: dict, best_epoch: int) -> None:
     for entry in meta["stages"]:
         if entry["name"] == stage:
             entry["best_epoch"] = best_epoch
-            entry["test"] = _rounded(test["directions"])
+            entry["test"] = _metrics_of(test["directions"])
             for subset, directions in test.get("subsets", {}).items():
-                entry[f"test[{subset}]"] = _rounded(directions)
+                entry[f"test[{subset}]"] = _metrics_of(directions)
     write_json_atomic(model_dir / META, meta)

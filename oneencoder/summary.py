@@ -15,6 +15,7 @@ from .checkpoint import read_meta
 from .datasets import HELDOUT_LABELS
 from .modality import MODALITIES
 from .fileio import write_json_atomic
+from .metrics import format_number
 
 # What each held-out subset means: the ``heldout`` values the shipped data builders write.
 SUBSET_LABELS = HELDOUT_LABELS
@@ -87,7 +88,7 @@ def format_results(rows: list[dict[str, Any]]) -> str:
            f"{'R@10 / Hits@10':>22s} {'MRR':>22s} {'R@1 x chance':>12s}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        cell = lambda k: f"{r[k]:.3f} (chance {r['chance_' + k]:.3f})"  # noqa: E731
+        cell = lambda k: f"{format_number(r[k])} (chance {format_number(r['chance_' + k])})"  # noqa: E731
         mrr = cell("MRR") if r["metric_style"] == "ranking" else ""
         lines.append(f"{r['stage']:14s} {r['direction']:16s} {r['kind']:8s} {r['subset']:11s} {cell('R@1'):>22s} "
                      f"{cell('R@10'):>22s} {mrr:>22s} {r['R@1_over_chance']:>11.1f}x")

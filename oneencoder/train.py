@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from . import distributed as ddp
 from .config import TrainConfig
@@ -253,8 +253,8 @@ class Trainer:
         log_path = self.run_dir / "metrics.jsonl"
         if self.step == 0 and self.rank == 0:
             self._forget_logs_after(0)  # rows of a run killed before its first saved state
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.progress or self.rank != 0)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                           enabled=self.progress and self.rank == 0)
         while self.epoch < self.config.epochs and self.bad_epochs < self.config.patience:
             self.objective.train()
             for _ in range(self.sampler.steps_per_epoch):

@@ -166,7 +166,7 @@ def test_run_stage_resumes_a_finished_run(trained_model, tmp_path: Path, capsys)
     shutil.copytree(trained_model["dir"], model_dir)
     before = _files(model_dir)
     summary = run_stage(trained_model["config"], model_dir, progress=False)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a status line
     steps = trained_model["summary"]["steps"]
     assert f"resuming image_text from step {steps}" in out
     assert summary["steps"] == steps and summary["epochs_run"] == trained_model["summary"]["epochs_run"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..cache import FeatureCache, cache_dir_for
 from ..errors import ConfigError, OneEncoderError
@@ -262,7 +262,7 @@ def compute_difficulty(
                               f"under {cache_root}; run `oneencoder cache build`")
     scores, measurements = {}, {}
     required = set(scorers) if required is None else set(required)
-    for name, scorer in tqdm(instances.items(), desc="difficulty", unit="scorer", disable=not progress):
+    for name, scorer in progress_bar(instances.items(), desc="difficulty", unit="scorer", enabled=progress):
         try:
             result = scorer(ctx)
         except ConfigError:

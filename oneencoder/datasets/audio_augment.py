@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..backbones import require
 from ..errors import SampleError
@@ -72,7 +72,7 @@ def augment_records(records: list[dict], out_dir: str | Path, copies: int, seed:
     out_dir = Path(os.path.abspath(out_dir))  # absolute: records work from any folder
     todo = [r for r in records if r.get("split") == "train" and r.get(field)]
     new, rejects = [], []
-    for record in tqdm(todo, desc="augment audio", unit="clip", disable=not progress):
+    for record in progress_bar(todo, desc="augment audio", unit="clip", enabled=progress):
         paths = [out_dir / f"{record['id']}.aug{k}-{AUGMENT_VERSION}.wav" for k in range(1, copies + 1)]
         missing = [k for k, p in enumerate(paths, 1) if not p.exists()]
         if missing:

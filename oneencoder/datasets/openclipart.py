@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.parsers import expat
 
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..errors import OneEncoderError
 from ..manifest import caption_group
@@ -246,7 +246,7 @@ def openclipart_records(root: str | Path = DEFAULT_ROOT, limit: int | None = Non
     root = check_installed(root)
     paths = list_images(root)[:limit] if limit is not None else list_images(root)
     records, rejects = [], []
-    for rel in tqdm(paths, desc="openclipart metadata", unit="image", disable=not progress):
+    for rel in progress_bar(paths, desc="openclipart metadata", unit="image", enabled=progress):
         png, svg = root / "png" / f"{rel}.png", root / "svg" / f"{rel}.svg"
         if not png.is_file():
             rejects.append({"id": ID_PREFIX + rel, "file": str(png), "reason": f"PNG missing (SVG {svg} has none)"})

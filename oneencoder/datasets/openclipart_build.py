@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..errors import OneEncoderError
 from ..fileio import write_json_atomic, write_jsonl_atomic
@@ -195,7 +195,7 @@ def _signatures(paths: dict[str, str], store: SignatureStore, desc: str,
                 progress: bool) -> tuple[dict, dict[str, str]]:
     """``({id: signature}, {id: reason})`` for ``{id: image path}``."""
     sigs, failed = {}, {}
-    for key, path in tqdm(sorted(paths.items()), desc=desc, unit="image", disable=not progress):
+    for key, path in progress_bar(sorted(paths.items()), desc=desc, unit="image", enabled=progress):
         try:
             sigs[key] = store.get(path)
         except Exception as e:  # noqa: BLE001 - Pillow, cairosvg and XML errors have many types

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..errors import OneEncoderError
 from ..fileio import atomic_path
@@ -144,7 +144,7 @@ def rgbd_records(
     out = Path(os.path.abspath(out_dir))  # absolute: records work from any folder; the manifest writer relativises
     heldout = set(heldout_objects)
     records: list[dict] = []
-    bar = tqdm(total=len(names) * renders_per_object, desc="render rgbd", unit="view", disable=not progress)
+    bar = progress_bar(total=len(names) * renders_per_object, desc="render rgbd", unit="view", enabled=progress)
     with physics_client() as client:
         for name in names:
             spec = CATALOG[name]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..backbones import require
 from ..errors import OneEncoderError
@@ -460,7 +460,7 @@ def video_records(out_dir: str | Path, clips_per_combo: int = 8,
                             "image": str(root / "keyframes" / action / f"{obj}_{index:03d}.png"),
                             "split": split, "heldout": heldout, "n_frames": N_FRAMES, "fps": FPS,
                             "_index": index})
-    for rec in tqdm(records, desc="video clips", unit="clip", disable=not progress):
+    for rec in progress_bar(records, desc="video clips", unit="clip", enabled=progress):
         # Resume: finished clips are never re-simulated (the keyframe is written last).
         if not (Path(rec["video"]).exists() and Path(rec["image"]).exists()):
             clip = simulate_clip(rec["object"], rec["action"], seed=seed, index=rec["_index"])
