@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -28,18 +29,23 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Union
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Runs the CLI with os.replace wrapped: FAULT_KILL_AT=k exits after the k-th call; FAULT_COUNT_FILE
-# receives the number of calls of a run that was not killed.
+# receives the number of calls of a run that was not killed; FAULT_TRACE_FILE, each call's target.
 _WRAPPER = """
 import atexit, os, sys
 _replace, _calls = os.replace, [0]
 _at = int(os.environ.get("FAULT_KILL_AT", "0"))
+_trace = os.environ.get("FAULT_TRACE_FILE")
 def replace(*args, **kwargs):
     _replace(*args, **kwargs)
     _calls[0] += 1
+    if _trace:
+        with open(_trace, "a") as f:
+            f.write(f"{_calls[0]} {args[1]}\\n")
     if _calls[0] == _at:
         os._exit(137)
 os.replace = replace
@@ -58,12 +64,14 @@ def _env() -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
-def run_cli(args: list[str], kill_at: int = 0, count_file: Path | None = None,
+def run_cli(args: list[str], kill_at: int = 0, count_file: Path | None = None, trace_file: Path | None = None,
             timeout: float = 900) -> subprocess.CompletedProcess:
     env = _env()
     env["FAULT_KILL_AT"] = str(kill_at)
     if count_file is not None:
         env["FAULT_COUNT_FILE"] = str(count_file)
+    if trace_file is not None:
+        env["FAULT_TRACE_FILE"] = str(trace_file)
     return subprocess.run([sys.executable, "-c", _WRAPPER, *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
@@ -162,8 +170,8 @@ class Tally:
         return f"| {self.kind} | {self.kills} | {self.resumed} | {self.identical} | {self.lost} |"
 
 
-def make_data(out: Path, per_split: dict[str, int]) -> Path:
-    """A manifest of real Tux Paint stamps: the first ``per_split[split]`` captioned ones of each split."""
+def make_data(out: Path, per_split: dict[str, int], with_sound: bool = False, name: str = "manifest.jsonl") -> Path:
+    """A manifest of real Tux Paint stamps: the first ``per_split[split]`` captioned ones (with a sound) of each split."""
     sys.path.insert(0, str(REPO))
     from oneencoder.datasets.tuxpaint import tuxpaint_records
     from oneencoder.fileio import write_jsonl_atomic
@@ -171,23 +179,26 @@ def make_data(out: Path, per_split: dict[str, int]) -> Path:
     taken = {s: 0 for s in per_split}
     rows = []
     for rec in tuxpaint_records():
-        if rec["caption"] and taken.get(rec["split"], 0) < per_split.get(rec["split"], 0):
+        wanted = rec["caption"] and (rec["sound"] or not with_sound)
+        if wanted and taken.get(rec["split"], 0) < per_split.get(rec["split"], 0):
             rows.append(rec)
             taken[rec["split"]] += 1
-    rows.append({"id": "broken-file", "image": "/nonexistent/stamp.png", "caption": "A lost stamp.", "split": "train"})
+    rows.append({"id": "broken-file", "image": "/nonexistent/stamp.png", "sound": "/nonexistent/stamp.ogg",
+                 "caption": "A lost stamp.", "split": "train"})
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(out / "manifest.jsonl", rows)
-    return out / "manifest.jsonl"
+    write_jsonl_atomic(out / name, rows)
+    return out / name
 
 
-def stage_file(out: Path, manifest: Path, cache: Path, epochs: int) -> Path:
-    """The shipped Stage 1, short, on this data."""
-    text = (REPO / "stages" / "image_text.toml").read_text()
-    text = text.replace('manifest = "outputs/demo/manifest.jsonl"', f'manifest = "{manifest}"')
-    text = text.replace('cache_dir = "outputs/demo/cache"', f'cache_dir = "{cache}"')
-    text = text.replace("epochs = 40", f"epochs = {epochs}").replace("batch_size = 128", "batch_size = 16")
-    text = text.replace("warmup_steps = 30", "warmup_steps = 2")
-    path = out / "stage.toml"
+def stage_file(out: Path, manifest: Path, cache: Path, epochs: int, shipped: str = "image_text") -> Path:
+    """A shipped stage, short (``epochs``, batches of 16, 2 warm-up steps), on this data."""
+    text = (REPO / "stages" / f"{shipped}.toml").read_text()
+    text = re.sub(r'(?m)^manifest = ".*"$', f'manifest = "{manifest}"', text)
+    text = re.sub(r'(?m)^cache_dir = ".*"$', f'cache_dir = "{cache}"', text)
+    text = re.sub(r"(?m)^epochs = \d+$", f"epochs = {epochs}", text)
+    text = re.sub(r"(?m)^batch_size = \d+$", "batch_size = 16", text)
+    text = re.sub(r"(?m)^warmup_steps = \d+$", "warmup_steps = 2", text)
+    path = out / f"{shipped}.toml"
     path.write_text(text)
     return path
 
@@ -206,44 +217,104 @@ def _check(tally: Tally, done: subprocess.CompletedProcess, got: dict, want: dic
     tally.lost += lost
 
 
-def train_boundaries(work: Path, stage: Path, kills: list[int] | None = None) -> tuple[Tally, int]:
-    """Kill ``train`` after each listed ``os.replace`` (all of them when None); resume; compare."""
-    reference = work / "reference"
-    count = work / "replace-count"
-    args = ["train", "--stage", str(stage), "--model"]
-    done = run_cli([*args, str(reference)], count_file=count)
+Kills = Union[list[int], Callable[[list[str]], list[int]], None]
+
+
+def boundary_kills(kind: str, args: list[str], new_model: Callable[[str], Path], kills: Kills,
+                   count: Path) -> tuple[Tally, int]:
+    """Run ``args + [model]`` once to list its ``os.replace`` targets, then kill a fresh run after each
+    chosen one and rerun it to the end, comparing with the uninterrupted result.
+
+    ``kills``: the 1-based boundaries, a function choosing them from the targets, or None (all).
+    """
+    reference = new_model("reference")
+    trace = count.with_suffix(".trace")
+    trace.unlink(missing_ok=True)
+    done = run_cli([*args, str(reference)], count_file=count, trace_file=trace)
     assert done.returncode == 0, done.stderr[-2000:]
     total = int(count.read_text())
+    targets = [line.split(" ", 1)[1] for line in trace.read_text().splitlines()]
     want = fingerprint_model(reference)
-    tally = Tally("train, at file-write boundaries")
-    for k in kills if kills is not None else range(1, total + 1):
-        model = work / f"killed-{k}"
+    tally = Tally(f"{kind}, at file-write boundaries")
+    chosen = kills(targets) if callable(kills) else kills
+    for k in chosen if chosen is not None else range(1, total + 1):
+        model = new_model(f"killed-{k}")
         first = run_cli([*args, str(model)], kill_at=k)
         if first.returncode != 137:
             tally.failures.append(f"boundary {k}: not killed (exit {first.returncode})")
             continue
         tally.kills += 1
-        _check(tally, run_cli([*args, str(model)]), fingerprint_model(model), want, f"boundary {k}/{total}")
+        _check(tally, run_cli([*args, str(model)]), fingerprint_model(model), want, f"{kind} boundary {k}/{total}")
         shutil.rmtree(model)
     return tally, total
 
 
-def cache_timed_kills(work: Path, stage: Path, manifest: Path, cache_root: Path, delays: list[float]) -> Tally:
-    """SIGKILL ``cache build`` after each delay (and again while it has not finished); resume; compare."""
+def train_boundaries(work: Path, stage: Path, kills: Kills = None) -> tuple[Tally, int]:
+    """Kill ``train`` (Stage 1 into a new directory) at file-write boundaries; the reference is ``work/reference``."""
+    return boundary_kills("train", ["train", "--stage", str(stage), "--model"], lambda name: work / name, kills,
+                          work / "replace-count")
+
+
+def add_modality_boundaries(work: Path, stage1_model: Path, stage: Path, manifest: Path, cache: Path,
+                            kills: Kills = None) -> tuple[Tally, int]:
+    """Kill ``add-modality audio`` on copies of a Stage-1 model at file-write boundaries.
+
+    The caches are built first (by a run into a throwaway copy), so the boundaries counted are the
+    stage's own: its resume states and the model-directory updates that add the audio adapter.
+    """
+    def copy_of_stage1(name: str) -> Path:
+        model = work / f"add-{name}"
+        shutil.copytree(stage1_model, model, ignore=shutil.ignore_patterns("runs"))
+        return model
+
+    args = ["add-modality", "audio", "--stage", str(stage), "--data", str(manifest), "--cache-dir", str(cache),
+            "--workers", "0", "--model"]
+    warm = copy_of_stage1("warm-up")
+    done = run_cli([*args, str(warm)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    shutil.rmtree(warm)
+    return boundary_kills("add-modality", args, copy_of_stage1, kills, work / "add-replace-count")
+
+
+def after_first_commit_point(targets: list[str]) -> list[int]:
+    """The boundary just after the first model update's journal: committed, not yet renamed into place."""
+    return [next(i for i, t in enumerate(targets, 1) if t.endswith(".commit.json"))]
+
+
+def cache_timed_kills(work: Path, stage: Path, manifest: Path, kills: int, rng: random.Random) -> Tally:
+    """SIGKILL ``cache build`` at ``kills`` random times while it writes; resume; compare.
+
+    Each kill comes a random share of the reference build's writing time after the first
+    write of the image cache, so it lands while samples are encoded and committed (image,
+    then text) rather than during start-up; a run that still finishes first is retried.
+    """
     args = ["cache", "build", "--stage", str(stage), "--manifest", str(manifest), "--workers", "2", "--cache-dir"]
     reference = work / "cache-reference"
-    done = run_cli([*args, str(reference)])
-    assert done.returncode == 0, done.stderr[-2000:]
+    first_write = time.time()
+    job = subprocess.Popen([sys.executable, "-c", _WRAPPER, *args, str(reference)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=_env())
+    while not (reference / "image" / "data.mdb").exists() and job.poll() is None:
+        time.sleep(0.01)
+        first_write = time.time()
+    _, err = job.communicate()
+    assert job.returncode == 0, err[-2000:]
+    writing = time.time() - first_write
     want, want_ids = fingerprint_cache(reference), cached_ids(reference)
     tally = Tally("cache build, at random times")
-    for i, delay in enumerate(delays):
-        root = work / f"cache-killed-{i}"
-        if run_killed_after([*args, str(root)], delay):
-            tally.kills += 1
+    for attempt in range(2 * kills):
+        if tally.kills == kills:
+            break
+        root = work / f"cache-killed-{attempt}"
+        delay = rng.uniform(0.0, 0.9 * writing)
+        if not run_killed_once_writing([*args, str(root)], root / "image" / "data.mdb", delay):
+            shutil.rmtree(root)
+            continue
+        tally.kills += 1
         done = run_cli([*args, str(root)])
-        _check(tally, done, fingerprint_cache(root), want, f"cache kill after {delay:.1f} s",
+        _check(tally, done, fingerprint_cache(root), want, f"cache kill {delay:.1f} s after its first write",
                lost=len(want_ids - cached_ids(root)))
         shutil.rmtree(root)
+    print(f"cache build: {writing:.1f} s of writing in the uninterrupted run")
     return tally
 
 
@@ -253,7 +324,7 @@ def main() -> None:
     parser.add_argument("--cache-kills", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=["cache", "train"], help="run one kind of kill only")
+    parser.add_argument("--only", choices=["cache", "train", "add-modality"], help="run one kind of kill only")
     args = parser.parse_args()
     work = args.out
     shutil.rmtree(work, ignore_errors=True)
@@ -263,15 +334,23 @@ def main() -> None:
     start = time.time()
     rng = random.Random(args.seed)
     tallies = []
-    if args.only != "train":
-        delays = [rng.uniform(3.0, 15.0) for _ in range(args.cache_kills)]
-        tallies.append(cache_timed_kills(work, stage, manifest, cache, delays))
+    boundaries = {}
+    if args.only in (None, "cache"):
+        tallies.append(cache_timed_kills(work, stage, manifest, args.cache_kills, rng))
     if args.only != "cache":
         if not cache.exists():
             run_cli(["cache", "build", "--stage", str(stage), "--workers", "0"])
-        train_tally, total = train_boundaries(work, stage)
-        tallies.append(train_tally)
-        print(f"\n{total} file-write boundaries in one {args.epochs}-epoch train run")
+        train_tally, boundaries["train"] = train_boundaries(work, stage, kills=None if args.only != "add-modality" else [])
+        if args.only != "add-modality":
+            tallies.append(train_tally)
+    if args.only in (None, "add-modality"):
+        sounds = make_data(work / "data", {"train": 24, "val": 8, "test": 8}, with_sound=True, name="audio.jsonl")
+        audio_stage = stage_file(work, sounds, cache, args.epochs, shipped="audio")
+        add_tally, boundaries["add-modality"] = add_modality_boundaries(work, work / "reference", audio_stage,
+                                                                        sounds, cache)
+        tallies.append(add_tally)
+    for command, total in boundaries.items():
+        print(f"{total} file-write boundaries in one {args.epochs}-epoch {command} run")
     print(f"{time.time() - start:.0f} s in all\n")
     print("| kills of | kills | reruns that resumed | byte-identical results | samples lost |")
     print("| --- | --- | --- | --- | --- |")

@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -249,11 +249,16 @@ def _load_state(module: torch.nn.Module, path: Path, map_location: str | torch.d
                             f"({' '.join(line.strip() for line in first[:2])[:300]})") from None
 
 
-def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[OneEncoderModel, dict[str, Any]]:
-    """Rebuild the model from a directory after verifying every checksum."""
+def load_model(model_dir: str | Path, map_location: str | torch.device = "cpu",
+               without: Collection[str] = ()) -> tuple[OneEncoderModel, dict[str, Any]]:
+    """Rebuild the model from a directory after verifying every checksum.
+
+    ``without``: modalities left out of the model (not built, not loaded), e.g. one a stage
+    retrains: it must then start as it would in a model that never held it.
+    """
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
-    infos = meta["modalities"]
+    infos = {n: info for n, info in meta["modalities"].items() if n not in without}
     for rel in [PROJECTION, *(adapter_file(n) for n in infos)]:
         if rel not in meta["files"]:
             raise ChecksumError(f"{model_dir / META} records no checksum for {rel}")

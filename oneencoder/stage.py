@@ -79,10 +79,14 @@ def _prepare_model(config: StageConfig, model_dir: Path, metas: dict[str, dict],
             raise ConfigError("--init-from fine-tunes a Stage 1 (a stage that trains the projection)")
         if not exists:
             raise OneEncoderError(f"stage {config.name!r} builds on a trained model, but {model_dir} has none")
-        model, _ = load_model(model_dir)
+        held = read_meta(model_dir)["modalities"]
         for name in config.trainable:
-            if name in model.modalities and not (replace or resuming):
+            if name in held and not (replace or resuming):
                 raise OneEncoderError(f"{model_dir} already holds a {name!r} adapter; pass --replace to retrain it")
+        # A retrained adapter (--replace, or a run killed after its first best model) starts as a
+        # new one: built in the same order, from the same random state, as in a first run.
+        model, _ = load_model(model_dir, without=config.trainable)
+        for name in config.trainable:
             model.add_adapter(name, metas[name], config.adapter)
     for name in model.modalities:
         if name not in config.trainable:
