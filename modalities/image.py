@@ -101,10 +101,15 @@ def _as_tokens(features: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _probe(model_name: str, image_size: int) -> tuple[int, int]:
     """``(token width, token count)`` of a timm model's features at ``image_size``, measured on
-    a randomly initialised copy (no weights are read; ~0.1 s, once per process)."""
+    a randomly initialised copy (no weights are read; ~0.1 s, once per process).
+
+    Its random initialisation draws from a forked RNG: a probe in the first stage run of a
+    process must not shift the seeded state the model is then initialised from.
+    """
     timm = require("timm")
     try:
-        model = timm.create_model(model_name, pretrained=False).eval()
+        with torch.random.fork_rng(devices=[]):
+            model = timm.create_model(model_name, pretrained=False).eval()
     except RuntimeError as e:  # timm's "Unknown model"
         raise ConfigError(f"[modalities.image] backbone 'timm:{model_name}': {e}") from None
     with torch.inference_mode():
