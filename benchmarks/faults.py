@@ -340,6 +340,7 @@ def main() -> None:
     if args.only != "cache":
         if not cache.exists():
             run_cli(["cache", "build", "--stage", str(stage), "--workers", "0"])
+        # --only add-modality still needs the uninterrupted Stage-1 model (work/reference): no kills then.
         train_tally, boundaries["train"] = train_boundaries(work, stage, kills=None if args.only != "add-modality" else [])
         if args.only != "add-modality":
             tallies.append(train_tally)
