@@ -6,8 +6,10 @@ dies with ``os._exit`` right after the k-th replacement: exactly between two wri
 *timed kill* sends SIGKILL to the process group after a random delay (the LMDB cache
 commits through its own transactions, not ``os.replace``). After each kill the same
 command runs again, to completion, and the result is compared byte for byte with an
-uninterrupted run: weights files, the cache's features and measurements, rejects, the
-metric log, and ``oneencoder.json`` without its wall-clock entries.
+uninterrupted run: weights files, the cache's measurements and inputs, rejects, the metric
+log, and ``oneencoder.json`` without its wall-clock entries. The cache's features are
+compared to within fp16 rounding: a resumed build batches the samples it still lacks
+differently, and a backbone's last bit can depend on its batch (``oneencoder/rounding.py``).
 
 ``tests/test_faults.py`` runs a few kills of each kind; this script runs them all:
 
@@ -30,6 +32,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
+
+import numpy as np
+
+from oneencoder.rounding import same_features
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,19 +145,43 @@ def cached_ids(cache_dir: Path) -> set[str]:
     return out
 
 
-def fingerprint_cache(cache_dir: Path) -> dict[str, str]:
-    """Every cached entry (features, measurements, what they were computed from) per modality, and the rejects."""
+class FeaturesToRounding:
+    """One modality's cached features, equal to another's when every entry is within fp16 rounding.
+
+    A resumed build encodes the samples it still lacks in other batches than an uninterrupted
+    build, and a backbone's last bits can depend on the batch (``oneencoder/rounding.py``).
+    """
+
+    def __init__(self, features: dict[str, np.ndarray]) -> None:
+        self.features = features
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FeaturesToRounding) or self.features.keys() != other.features.keys():
+            return False
+        return all(same_features(a, other.features[sid]) for sid, a in self.features.items())
+
+    def __repr__(self) -> str:
+        return f"FeaturesToRounding({len(self.features)} entries)"
+
+
+def fingerprint_cache(cache_dir: Path) -> dict[str, object]:
+    """Every cached entry per modality: ids, token counts, measurements and inputs exactly (a hash),
+    the features to within fp16 rounding; and the rejects."""
     import lmdb
 
-    out = {}
+    out: dict[str, object] = {}
     for data in sorted(cache_dir.glob("*/data.mdb")):
         env = lmdb.open(str(data.parent), readonly=True, lock=False)
+        digest, features = hashlib.sha256(), {}
         with env.begin() as txn:
-            digest = hashlib.sha256()
             for key, value in txn.cursor():
+                if key.startswith(b"f/"):  # 4-byte token count, then fp16 features
+                    features[key[2:].decode()] = np.frombuffer(value, dtype=np.float16, offset=4)
+                    value = value[:4]
                 digest.update(key + b"\0" + value)
         env.close()
         out[data.parent.name] = digest.hexdigest()
+        out[f"{data.parent.name} features"] = FeaturesToRounding(features)
     for rejects in sorted(cache_dir.glob("*.rejects.jsonl")):
         out[rejects.name] = "".join(sorted(rejects.read_text().splitlines(keepends=True)))
     return out

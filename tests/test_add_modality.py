@@ -15,6 +15,8 @@ from oneencoder.cli.main import app
 from oneencoder.fileio import sha256_file, write_jsonl_atomic
 from oneencoder.progressive import add_modality
 
+pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
+
 runner = CliRunner()
 FROZEN_FILES = ("projection.safetensors", "adapters/image.safetensors", "adapters/text.safetensors")
 

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 AUDIO_STAGE = REPO / "stages" / "audio.toml"
 FROZEN_FILES = ("projection.safetensors", "adapters/image.safetensors", "adapters/text.safetensors")
 runner = CliRunner()
-pytestmark = pytest.mark.slow  # trains a Stage-1 model, then adds audio
+pytestmark = [pytest.mark.slow, pytest.mark.bytes]  # trains a Stage-1 model, then adds audio
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ def test_copies_are_real_decodable_variants_of_train_sounds_only(two_sounds, tmp
     assert new[0]["sound"] != new[1]["sound"]
 
 
+@pytest.mark.bytes
 def test_same_seed_same_files_and_reruns_reuse_them(two_sounds, tmp_path: Path) -> None:
     first, _ = augment_records(two_sounds[:1], tmp_path / "a", copies=1, progress=False)
     other, _ = augment_records(two_sounds[:1], tmp_path / "b", copies=1, progress=False)

@@ -16,6 +16,8 @@ from oneencoder.errors import ConfigError
 from oneencoder.modality import Modality
 from oneencoder.pairs import load_pair_split
 
+pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 

@@ -19,6 +19,8 @@ from oneencoder.errors import CacheMismatchError, OneEncoderError
 from oneencoder.modalities.text import Text
 from oneencoder.modality import create_modality
 
+pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
+
 
 def _raw(cache: FeatureCache, sid: str) -> bytes | None:
     with cache.env.begin() as txn:

@@ -72,6 +72,7 @@ def test_records_files_and_splits(renders: list[dict]) -> None:
     assert counts["renders"] == 6 and counts["objects"] == 3 and counts["heldout_object"] == PER_OBJECT
 
 
+@pytest.mark.bytes
 def test_rerender_is_identical_and_resume_skips_done_files(renders: list[dict], tmp_path: Path) -> None:
     again = rgbd_records(tmp_path, renders_per_object=PER_OBJECT, heldout_objects=HELDOUT, objects=("cube",),
                          progress=False)

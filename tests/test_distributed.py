@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bytes]
 
 EPOCHS = 3
 PER_RANK_BATCH = 8

@@ -15,6 +15,8 @@ from oneencoder.cli.main import app
 from oneencoder.export import TOLERANCE, export_full, export_head
 from oneencoder.model import AdapterConfig, ProjectionConfig, build_model
 
+pytestmark = pytest.mark.bytes  # ONNX against PyTorch, to a stated tolerance (docs/reliability.md)
+
 ort = pytest.importorskip("onnxruntime")
 
 

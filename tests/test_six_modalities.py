@@ -61,6 +61,7 @@ def six_modality_model(trained_model: dict[str, Any], stamps: list[dict],
     return {"dir": model, "frozen": frozen, "inputs": inputs}
 
 
+@pytest.mark.bytes
 def test_each_addition_leaves_every_earlier_file_byte_identical(six_modality_model) -> None:
     for modality, (before, after) in six_modality_model["frozen"].items():
         assert {k: v for k, v in after.items() if k != f"{modality}.safetensors"} == before, modality

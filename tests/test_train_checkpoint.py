@@ -21,6 +21,8 @@ from oneencoder.errors import ChecksumError, OneEncoderError
 from oneencoder.stage import run_stage
 from oneencoder.train import Trainer, lr_at
 
+pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
+
 # ----- learning-rate schedule ------------------------------------------------------------
 
 

@@ -85,6 +85,7 @@ def test_mp4_decodes_to_sixteen_224px_frames_at_8fps(dataset) -> None:
     assert np.abs(keyframe - frames[8]).mean() < np.abs(keyframe - frames[0]).mean()
 
 
+@pytest.mark.bytes
 def test_mp4_is_lossless_so_regenerated_data_decodes_to_the_same_pixels(by_id) -> None:
     clip = pv.simulate_clip("cube", "drops", seed=0, index=0)
     with av.open(by_id["drops/cube_000"]["video"]) as container:
@@ -184,6 +185,7 @@ def test_default_split_of_the_full_dataset() -> None:
 # ----- determinism and resume --------------------------------------------------------------
 
 
+@pytest.mark.bytes
 def test_same_seed_same_pixels_and_resume_skips_existing(dataset, tmp_path: Path) -> None:
     out, records = dataset
     mtimes = {r["id"]: os.stat(r["video"]).st_mtime_ns for r in records}
