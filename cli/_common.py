@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -16,6 +17,26 @@ from oneencoder.progress import status
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
+#: Set to 1 (or pass the global --debug) to see the traceback behind a one-line error.
+DEBUG_ENV = "ONEENCODER_DEBUG"
+_debug = False
+
+
+def set_debug(on: bool) -> None:
+    """Turn tracebacks behind one-line errors on or off (the global ``--debug``; set per invocation)."""
+    global _debug
+    _debug = on
+
+
+def debug_enabled() -> bool:
+    """``--debug`` was given, or ``ONEENCODER_DEBUG`` is set to anything but "" or "0"."""
+    return _debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def _traceback(e: BaseException) -> None:
+    """Under ``--debug``: the traceback (and the chained cause, e.g. a plugin's own error) on stderr."""
+    if debug_enabled():
+        typer.echo("".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip(), err=True)
 
 
 def storage_message(e: Exception) -> Optional[str]:
@@ -50,12 +71,14 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except OneEncoderError as e:
+            _traceback(e)
             _error(str(e))
             raise typer.Exit(EXIT_USER_ERROR) from None
         except Exception as e:
             message = storage_message(e)
             if message is None:
                 raise
+            _traceback(e)
             _error(message)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:

@@ -22,7 +22,9 @@ def onnx(
     with_backbone: bool = typer.Option(False, "--with-backbone",
                                        help="Also export text and image end to end (token ids / pixels in), "
                                             "the frozen backbone included."),
-    opset: int = typer.Option(18, help="ONNX opset version (18 or newer: the exporter's own)."),
+    # Literals, as oneencoder.export (torch) loads only when the command runs; it checks the range.
+    opset: int = typer.Option(18, help="ONNX opset version, 18 to 25: what the exporter writes and onnxruntime "
+                                       "runs. A graph is written only with the opset asked for."),
     check: bool = typer.Option(True, "--check/--no-check",
                                help="Run each graph in onnxruntime and compare it with PyTorch."),
 ) -> None:

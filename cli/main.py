@@ -13,7 +13,7 @@ from oneencoder.progress import configure
 from oneencoder.registry import import_plugins
 
 from . import cache, curriculum, data, export, index
-from ._common import user_errors as with_user_errors
+from ._common import set_debug, user_errors as with_user_errors
 from .add_modality import add_modality
 from .classify import classify
 from .demo import demo
@@ -60,8 +60,11 @@ def _global_options(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (status lines stay)."),
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug",
+                               help="Print the traceback behind a one-line error (as ONEENCODER_DEBUG=1 does)."),
 ) -> None:
     """Options for every command; they go before it: oneencoder --quiet train --stage image_text."""
+    set_debug(debug)  # first: a --plugin that fails to import below is shown with its traceback
     configure(progress=False if no_progress else None, quiet=True if quiet else None)
     with_user_errors(import_plugins)(tuple(plugin or ()))
 

@@ -27,7 +27,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import lmdb
 import numpy as np
@@ -37,7 +37,9 @@ from .progress import progress_bar
 
 from .errors import CacheMismatchError, OneEncoderError, SampleError
 from .fileio import write_json_atomic, write_jsonl_atomic
+from .manifest import MAX_ID_BYTES, id_problem
 from .modality import Modality
+from .names import safe_name
 from .workers import loader_options
 
 try:
@@ -51,6 +53,20 @@ if TYPE_CHECKING:
 _FINGERPRINT = b"__fingerprint__"
 _F, _M, _K = b"f/", b"m/", b"k/"
 _MAP_SIZE = 1 << 36  # sparse on Linux; grows only as written
+
+
+def _key(prefix: bytes, sid: str) -> bytes:
+    """The LMDB key of ``sid`` under ``prefix``; an id LMDB cannot hold is a ``SampleError`` naming it.
+
+    Valid ids encode as they always did (``prefix + UTF-8``), so existing caches stay readable.
+    """
+    try:
+        key = prefix + sid.encode()
+    except (AttributeError, UnicodeEncodeError):  # not a string, or a lone surrogate
+        key = b""
+    if not len(prefix) < len(key) <= len(prefix) + MAX_ID_BYTES:  # empty, unencodable or too long
+        raise SampleError(id_problem(sid) or f"id {sid!r} cannot be a feature cache key")
+    return key
 
 
 class FeatureCache:
@@ -104,7 +120,7 @@ class FeatureCache:
     def inputs(self) -> dict[str, str | None]:
         """Every cached id with the input it was computed from (None: cached before inputs were recorded)."""
         with self.env.begin() as txn:
-            recorded = {sid: bytes(value).decode() for sid, value in _scan_items(txn, _K)}
+            recorded = {sid: bytes(value).decode("utf-8", "surrogateescape") for sid, value in _scan_items(txn, _K)}
             return {sid: recorded.get(sid) for sid in _scan_keys(txn, _F)}
 
     def put_many(self, items: list[tuple[str, torch.Tensor, dict[str, float]]],
@@ -116,20 +132,22 @@ class FeatureCache:
             inputs: What each item was computed from (:func:`input_key`); None records nothing.
             drop: Ids whose entries are deleted in the same transaction (stale features).
         """
-        for sid, tokens, _ in items:  # refused before anything is written: no mixed shapes, ever
+        for sid, tokens, _ in items:  # refused before anything is written: no mixed shapes or bad keys, ever
+            _key(_F, sid)
             self._check_shape(sid, tokens)
+        drop = [sid for sid in drop if id_problem(sid) is None]  # an id LMDB cannot hold was never stored
         with self._writing(), self.env.begin(write=True) as txn:
             for sid in drop:
                 for prefix in (_F, _M, _K):
-                    txn.delete(prefix + sid.encode())
+                    txn.delete(_key(prefix, sid))
             for i, (sid, tokens, measures) in enumerate(items):
                 arr = tokens.detach().to(torch.float16).cpu().numpy()
-                txn.put(_F + sid.encode(), struct.pack("<I", arr.shape[0]) + arr.tobytes())
-                txn.put(_M + sid.encode(), json.dumps(measures).encode())
+                txn.put(_key(_F, sid), struct.pack("<I", arr.shape[0]) + arr.tobytes())
+                txn.put(_key(_M, sid), json.dumps(measures).encode())
                 if inputs is not None:
-                    txn.put(_K + sid.encode(), inputs[i].encode())
+                    txn.put(_key(_K, sid), inputs[i].encode("utf-8", "surrogateescape"))  # a path of non-UTF-8 bytes
                 else:  # a recorded input would now describe other features
-                    txn.delete(_K + sid.encode())
+                    txn.delete(_key(_K, sid))
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -170,15 +188,15 @@ class FeatureCache:
 
     def get(self, sid: str) -> torch.Tensor:
         with self.env.begin() as txn:
-            return self._decode(sid, txn.get(_F + sid.encode()))
+            return self._decode(sid, txn.get(_key(_F, sid)))
 
     def get_many(self, ids: list[str]) -> list[torch.Tensor]:
         with self.env.begin() as txn:
-            return [self._decode(sid, txn.get(_F + sid.encode())) for sid in ids]
+            return [self._decode(sid, txn.get(_key(_F, sid))) for sid in ids]
 
     def measurements(self, ids: list[str]) -> list[dict[str, float]]:
         with self.env.begin() as txn:
-            return [json.loads(txn.get(_M + sid.encode()) or b"{}") for sid in ids]
+            return [json.loads(txn.get(_key(_M, sid)) or b"{}") for sid in ids]
 
     def _decode(self, sid: str, raw: bytes | None) -> torch.Tensor:
         if raw is None:
@@ -226,7 +244,8 @@ def _check_fingerprint(path: Path, stored: dict, expected: dict) -> None:
 
 
 def cache_dir_for(root: str | Path, modality: str) -> Path:
-    return Path(root) / modality
+    """``<root>/<modality>``; the modality name must be a safe single path component."""
+    return Path(root) / safe_name(modality, "modality name")
 
 
 def rejects_path(root: str | Path, modality: str) -> Path:
@@ -254,12 +273,18 @@ def input_key(modality: Modality, value: Any) -> str:
 
 
 @contextlib.contextmanager
-def cache_lock(path: str | Path, shared: bool = False) -> Iterator[None]:
+def cache_lock(path: str | Path, shared: bool = False, *, busy: Callable[[str], str] | None = None,
+               unwritable: Callable[[OSError], str] | None = None) -> Iterator[None]:
     """Hold ``<cache>.lock``: exclusive to write the cache, shared to read it while shards build.
 
     A second writer stops with one line naming the cache, instead of encoding the same
     samples twice and overwriting the other's rejects file. The kernel drops the lock
     when its process dies, so a killed build never leaves the cache locked.
+
+    Args:
+        busy: The refusal for another folder guarded the same way (a model directory):
+            gets the holder's process id ("" if unknown), returns the one-line message.
+        unwritable: Its message when the lock file cannot be created.
     """
     path = Path(path)
     lock = path.with_name(path.name + ".lock")
@@ -267,6 +292,8 @@ def cache_lock(path: str | Path, shared: bool = False) -> Iterator[None]:
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
+        if unwritable is not None:
+            raise OneEncoderError(unwritable(e)) from None
         raise OneEncoderError(f"cannot write the feature cache {path}: {e.strerror} ({e.filename}); "
                               "pick a writable --cache-dir") from None
     try:
@@ -275,6 +302,8 @@ def cache_lock(path: str | Path, shared: bool = False) -> Iterator[None]:
                 fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                if busy is not None:
+                    raise OneEncoderError(busy(holder)) from None
                 who = f" (process {holder})" if holder else ""
                 raise OneEncoderError(f"another `oneencoder cache` command{who} is writing the feature cache "
                                       f"{path}; wait for it to finish, then rerun") from None
@@ -436,6 +465,10 @@ def build_cache(
     records = [r for r in records if r.get(key) is not None]
     if shard is not None:
         records = [r for r in records if shard.owns(r["id"])]
+    # An id LMDB cannot key (too long, a lone surrogate) is that sample's reject, not the build's end.
+    unkeyable = {str(r["id"]): (why, input_key(modality, r[key])) for r in records
+                 if (why := id_problem(r["id"])) is not None}
+    records = [r for r in records if str(r["id"]) not in unkeyable]
     root = Path(cache_root) if shard is None else shard.root(cache_root)
     fingerprint = modality.fingerprint()
     with cache_lock(cache_dir_for(root, name)):
@@ -447,9 +480,11 @@ def build_cache(
             want = {r["id"]: input_key(modality, r[key]) for r in records}
             plan = _Plan(want, {sid: own[sid] if sid in own else merged.get(sid, _ABSENT) for sid in want}, set(own))
             todo = [r for r in records if plan.stale(r["id"])]
-            report = BuildReport(name, len(records), len(records) - len(todo), 0)
+            report = BuildReport(name, len(records) + len(unkeyable), len(records) - len(todo), 0,
+                                 {sid: why for sid, (why, _) in unkeyable.items()})
             if todo:
                 _encode(modality, todo, key, plan, cache, report, batch_size, num_workers, device, progress)
+        want.update({sid: given for sid, (_, given) in unkeyable.items()})
         rows = {sid: {"id": sid, "modality": name, "reason": why, "input": want[sid]}
                 for sid, why in report.rejects.items()}
         update_rejects(rejects_path(root, name), want, rows)

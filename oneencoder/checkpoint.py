@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save as save_bytes
 
 from .config import adapter_from_dict, projection_from_dict
 from .errors import ChecksumError, OneEncoderError
-from .fileio import not_utf8, sha256_file
+from .fileio import load_json_text, not_utf8, sha256_file
 from .model import OneEncoderModel, build_model
 from .modality import Modality, modality_class_for, provenance
 from .transaction import commit, recover, visible_path
@@ -59,7 +59,7 @@ def read_meta(model_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise OneEncoderError(f"{model_dir} is not a oneencoder model directory (no {META})")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = load_json_text(path.read_text(encoding="utf-8"), str(path))  # nesting checked first
     except UnicodeDecodeError as e:
         raise OneEncoderError(not_utf8(str(path), e)) from None
     except json.JSONDecodeError as e:

@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 
 from .curriculum.weights import WEIGHTINGS
 from .errors import ConfigError
-from .fileio import not_utf8
+from .fileio import MAX_JSON_DEPTH, json_too_deep, not_utf8
 from .model import AdapterConfig, ProjectionConfig
+from .names import safe_name
 from .registry import import_plugins, same_kind
 
 T = TypeVar("T")
@@ -133,7 +134,11 @@ def load_stage(stage: str | Path, overrides: dict[str, dict[str, Any]] | None = 
     """Parse a stage file; ``overrides`` (section -> key -> value) win over the file."""
     path = resolve_stage_path(stage)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        deep = json_too_deep(text)  # TOML's arrays and inline tables nest like JSON's; the parser recurses
+        if deep is not None:
+            raise ConfigError(f"{path}:{deep}: TOML nested deeper than {MAX_JSON_DEPTH} levels (the limit)")
+        raw = tomllib.loads(text)
     except UnicodeDecodeError as e:
         raise ConfigError(not_utf8(str(path), e)) from None
     except tomllib.TOMLDecodeError as e:
@@ -152,9 +157,16 @@ def parse_stage(raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
     for key in ("name", "modalities", "trainable"):
         if key not in stage:
             raise ConfigError(f"{source}: [stage] needs '{key}'")
+    # The name becomes ``<model>/runs/<name>`` (removed on --overwrite) and each modality name a
+    # cache folder and an adapter file: checked before anything is read or written.
+    safe_name(stage["name"], f"{source}: [stage] name")
     pair = stage["modalities"]
     if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) for m in pair)):
         raise ConfigError(f"{source}: [stage] modalities must list two modality names, got {pair!r}")
+    for m in pair:
+        safe_name(m, f"{source}: [stage] modalities")
+    if pair[0] == pair[1]:
+        raise ConfigError(f"{source}: [stage] modalities must name two different modalities, got {pair!r}")
     extra = set(stage) - {"name", "modalities", "trainable", "description", "plugins"}
     if extra:
         raise ConfigError(f"{source}: [stage] unknown option(s) {sorted(extra)}")

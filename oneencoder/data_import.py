@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from .progress import progress_bar
 
 from .errors import ConfigError, OneEncoderError, SampleError
-from .fileio import write_jsonl_atomic
+from .fileio import json_too_deep, too_deep_message, write_jsonl_atomic
 from .manifest import CAPTION_FIELD, SPLITS, caption_group, caption_split, check_row, write_manifest
 from .modality import MODALITIES
 
@@ -36,6 +36,9 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndj
 #: Shares of the default split when there is no caption to split by (as the caption-hash split).
 DEFAULT_VAL, DEFAULT_TEST = 0.1, 0.2
 _MANIFEST_FIELDS = ("id", "split", "group", "heldout")
+#: Longest table cell (characters) imported; a row with a longer one is rejected. As Python's
+#: csv module's default limit, which would otherwise stop the whole import at such a cell.
+MAX_CELL_CHARS = 131_072
 
 
 @dataclass
@@ -138,6 +141,16 @@ def _read_table(path: Path, fmt: str) -> tuple[list[str], list[_Row]]:
         raise OneEncoderError(f"cannot read {path}: {e.strerror or e}") from None
     if fmt == "jsonl":
         return _read_jsonl(content)
+    # csv's own field limit raises mid-file and would end the import; no cell can exceed the whole
+    # file, and our MAX_CELL_CHARS turns a long one into that row's reject (see _record).
+    limit = csv.field_size_limit(max(len(content) + 1, csv.field_size_limit()))
+    try:
+        return _read_csv(path, content, fmt)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _read_csv(path: Path, content: str, fmt: str) -> tuple[list[str], list[_Row]]:
     reader = csv.reader(io.StringIO(content, newline=""), delimiter="\t" if fmt == "tsv" else ",")
     try:
         header = [name.strip() for name in next(reader)]
@@ -173,6 +186,9 @@ def _read_jsonl(content: str) -> tuple[list[str], list[_Row]]:
     rows = []
     for line, raw in enumerate(content.splitlines(), 1):
         if not raw.strip():
+            continue
+        if json_too_deep(raw) is not None:  # before json.loads, which would raise RecursionError
+            rows.append(_Row(line, {}, (None, too_deep_message())))
             continue
         try:
             obj = json.loads(raw)
@@ -349,7 +365,10 @@ def import_table(src: str | Path, out: str | Path, mapping: Sequence[str], *, fm
 def _record(row: _Row, names: dict[str, str], specs: dict, column_of: dict[str, str], base_dir: str,
             extras: list[str]) -> dict:
     """The manifest row of a parsed table row; ``_problem`` holds the first thing wrong with it."""
-    problem = next(((c, f"column {c!r} is not valid UTF-8") for c, v in row.values.items() if _bad_utf8(v)), None)
+    problem = next(((c, f"column {c!r} is not valid UTF-8 (bad bytes, or a lone \\ud800-\\udfff escape)")
+                    for c, v in row.values.items() if _bad_utf8(v)), None)
+    problem = problem or next(((c, _too_long(v)) for c, v in row.values.items()
+                               if isinstance(v, str) and len(v) > MAX_CELL_CHARS), None)
     values: dict[str, Any] = {}
     for modality, column in names.items():
         key, value = specs[modality].record_key, _cell(row.values.get(column))
@@ -369,6 +388,14 @@ def _record(row: _Row, names: dict[str, str], specs: dict, column_of: dict[str, 
     rec.update({c: row.values[c] for c in extras if c in row.values})
     rec["_values"], rec["_problem"] = values, problem
     return rec
+
+
+def _too_long(cell: str) -> str:
+    """Why a cell over :data:`MAX_CELL_CHARS` is rejected; a newline in it hints at an unclosed quote."""
+    why = f"{len(cell):,} characters in one cell; cells are limited to {MAX_CELL_CHARS:,}"
+    if "\n" in cell:
+        why += " (the cell spans lines: an unclosed quote makes the rest of the file one cell)"
+    return why
 
 
 def _finish(rec: dict, group_col: str | None, split_col: str | None, fractions: tuple[float, float] | None) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .backbones import require
-from .errors import OneEncoderError
+from .errors import ConfigError, OneEncoderError
 from .fileio import atomic_path, write_json_atomic
 from .index import model_space
 from .model import OneEncoderModel
@@ -39,6 +39,18 @@ from .model import OneEncoderModel
 #: Largest |onnxruntime - PyTorch| accepted on an exported embedding.
 TOLERANCE = 1e-4
 DEFAULT_OPSET = 18
+#: Opsets ``--opset`` accepts. torch's exporter writes 18 and newer (asked for an older one, it
+#: silently writes 18); the onnxruntime we check with loads graphs up to 25. A graph is written
+#: only if it declares the opset asked for (and, with ``check``, runs in onnxruntime).
+MIN_OPSET, MAX_OPSET = 18, 25
+
+
+def check_opset(opset: Any) -> int:
+    """``opset`` if the exporter can honour it, else a one-line :class:`ConfigError` giving the range."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"--opset {opset}: the ONNX exporter writes opsets {MIN_OPSET} to {MAX_OPSET} "
+                          f"(default {DEFAULT_OPSET}); pick one in that range")
+    return opset
 
 
 class FeatureHead(nn.Module):
@@ -112,25 +124,48 @@ def graph_opset(path: Path) -> int:
     return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+@contextlib.contextmanager
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], names: list[str],
-            dynamic: dict[str, dict[int, Any]], path: Path, opset: int) -> None:
-    with _frozen(module), _quiet(), atomic_path(path) as tmp:
-        program = torch.onnx.export(module.eval(), args, input_names=names, output_names=["embedding"],
-                                    dynamic_shapes=dynamic, dynamo=True, external_data=False,
-                                    opset_version=opset, verbose=False)
-        program.save(str(tmp), external_data=False)
+            dynamic: dict[str, dict[int, Any]], path: Path, opset: int) -> Iterator[Path]:
+    """Export to a temporary file next to ``path`` and yield it for checks; it is renamed into
+    place only when the block ends without an error, so a refused graph never lands at ``path``."""
+    check_opset(opset)
+    with _frozen(module), atomic_path(path) as tmp:
+        with _quiet():
+            program = torch.onnx.export(module.eval(), args, input_names=names, output_names=["embedding"],
+                                        dynamic_shapes=dynamic, dynamo=True, external_data=False,
+                                        opset_version=opset, verbose=False)
+            program.save(str(tmp), external_data=False)
+        written = graph_opset(tmp)
+        if written != opset:  # the exporter keeps another opset than asked: refuse, never relabel
+            raise OneEncoderError(f"{path}: asked for --opset {opset}, but the exporter wrote opset {written}; "
+                                  f"use --opset {written}")
+        yield tmp
 
 
-def _max_diff(path: Path, module: nn.Module, cases: list[dict[str, torch.Tensor]]) -> float:
-    """Largest |onnxruntime - PyTorch| over ``cases`` (input name -> tensor)."""
+def _max_diff(path: Path, module: nn.Module, cases: list[dict[str, torch.Tensor]], name: str = "") -> float:
+    """Largest |onnxruntime - PyTorch| over ``cases`` (input name -> tensor).
+
+    Raises:
+        OneEncoderError: onnxruntime cannot load or run the graph (named ``name``, default ``path``).
+    """
     ort = require("onnxruntime")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
-    for case in cases:
-        with torch.no_grad():
-            ref = module(*case.values()).numpy()
-        got = session.run(["embedding"], {k: v.numpy() for k, v in case.items()})[0]
-        worst = max(worst, float(np.abs(got - ref).max()))
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # fatal only: a failing kernel's log would repeat our one line
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for case in cases:
+            with torch.no_grad():
+                ref = module(*case.values()).numpy()
+            got = session.run(["embedding"], {k: v.numpy() for k, v in case.items()})[0]
+            worst = max(worst, float(np.abs(got - ref).max()))
+    except Exception as e:
+        if type(e).__module__.split(".")[0] != "onnxruntime":
+            raise
+        detail = " ".join(str(e).split())[:200]
+        raise OneEncoderError(f"{name or path}: onnxruntime {ort.__version__} cannot run this graph "
+                              f"(opset {graph_opset(path)}): {detail}; try --opset {DEFAULT_OPSET}") from None
     return worst
 
 
@@ -149,19 +184,25 @@ def _feature_cases(dim: int, max_tokens: int, seed: int = 0) -> list[dict[str, t
 
 def export_head(model: OneEncoderModel, modality: str, feature_dim: int, max_tokens: int, path: Path,
                 opset: int = DEFAULT_OPSET, check: bool = True) -> dict[str, Any]:
-    """Write ``modality``'s features-in graph to ``path``; returns its ``export.json`` entry."""
+    """Write ``modality``'s features-in graph to ``path``; returns its ``export.json`` entry.
+
+    Raises:
+        ConfigError: ``opset`` is outside :data:`MIN_OPSET`-:data:`MAX_OPSET`.
+        OneEncoderError: The exporter wrote another opset, or onnxruntime cannot run the graph
+            (``check``); nothing is written to ``path`` then.
+    """
     head = FeatureHead(model, modality).eval()
     batch = torch.export.Dim("batch", min=2)  # 2 in the example; 1 runs too (checked below)
     tokens_axis = torch.export.Dim("tokens", min=2, max=max_tokens) if max_tokens > 1 else None
     axes = {0: batch, **({1: tokens_axis} if tokens_axis is not None else {})}
     example = (torch.randn(2, max_tokens, feature_dim), torch.ones(2, max_tokens, dtype=torch.bool))
-    _export(head, example, ["tokens", "mask"], {"tokens": axes, "mask": axes}, path, opset)
-    entry = {"file": path.name, "modality": modality, "kind": "head", "input": "tokens + mask", "opset": graph_opset(path),
+    entry = {"file": path.name, "modality": modality, "kind": "head", "input": "tokens + mask", "opset": opset,
              "inputs": {"tokens": ["batch", "tokens" if max_tokens > 1 else 1, feature_dim],
                         "mask": ["batch", "tokens" if max_tokens > 1 else 1]},
              "max_tokens": max_tokens, "output_dim": model.embed_dim}
-    if check:
-        entry["max_abs_diff"] = _max_diff(path, head, _feature_cases(feature_dim, max_tokens))
+    with _export(head, example, ["tokens", "mask"], {"tokens": axes, "mask": axes}, path, opset) as tmp:
+        if check:  # on the temporary file: a graph onnxruntime cannot run is never left at path
+            entry["max_abs_diff"] = _max_diff(tmp, head, _feature_cases(feature_dim, max_tokens), str(path))
     return entry
 
 
@@ -202,15 +243,16 @@ def export_full(encoder: Any, modality: str, path: Path, opset: int = DEFAULT_OP
         dynamic[name] = axes
     module: nn.Module = (_OneInput if len(names) == 1 else _TwoInputs)(encoder.model, m, backbone, keys)
     arg_names = ["input"] if len(names) == 1 else ["first", "second"]
-    _export(module, tuple(t[:2] for t in full), names, dict(zip(arg_names, dynamic.values())), path, opset)
     entry = {"file": path.name, "modality": modality, "kind": "full", "input": " + ".join(names),
-             "opset": graph_opset(path),
+             "opset": opset,
              "inputs": {n: ["batch", *[f"axis{a}" if a in dynamic[n] else int(t.shape[a]) for a in range(1, t.ndim)]]
                         for n, t in zip(names, full)},
              "output_dim": encoder.model.embed_dim}
-    if check:
-        cases = [dict(zip(names, full)), dict(zip(names, singles[0]))]
-        entry["max_abs_diff"] = _max_diff(path, module, cases)
+    with _export(module, tuple(t[:2] for t in full), names, dict(zip(arg_names, dynamic.values())), path,
+                 opset) as tmp:
+        if check:
+            cases = [dict(zip(names, full)), dict(zip(names, singles[0]))]
+            entry["max_abs_diff"] = _max_diff(tmp, module, cases, str(path))
     return entry
 
 
@@ -244,9 +286,12 @@ def export_onnx(model_dir: str | Path, out: str | Path, modalities: Sequence[str
     """
     from .api import load
 
+    check_opset(opset)  # before loading the model: a refusal costs nothing
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder for the .onnx files and export.json")
     require("onnx")
     require("onnxscript")
-    out = Path(out)
     encoder = load(model_dir, device="cpu")
     names = list(modalities or encoder.modalities)
     for name in names:

@@ -14,7 +14,13 @@ import stat
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import StorageError
+from .errors import OneEncoderError, StorageError
+
+#: Deepest nesting of JSON arrays and objects read from any file (manifests, tables, oneencoder.json):
+#: checked before parsing, so a hostile file is one line, never Python's RecursionError.
+MAX_JSON_DEPTH = 64
+# A JSON string (escapes included) or one bracket: the tokens that decide the nesting depth.
+_JSON_DEPTH_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 #: errno values that mean "this location cannot take the write": the user's to fix, not a bug.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -40,6 +46,48 @@ def storage_errno(exc: BaseException) -> int | None:
 def not_utf8(where: str, e: UnicodeDecodeError) -> str:
     """``<where>: not valid UTF-8 (byte 0xff at offset 3); save the file as UTF-8``."""
     return f"{where}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+
+
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> int | None:
+    """The 1-based line of ``text`` where JSON nesting first exceeds ``limit`` levels, or None.
+
+    A linear scan with a counter, not a parser: it cannot overflow the stack however deep
+    the text goes. Text with at most ``limit`` brackets is cleared without scanning.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return None
+    depth = 0
+    for match in _JSON_DEPTH_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > limit:
+                return text.count("\n", 0, match.start()) + 1
+        elif token in "]}":
+            depth = max(depth - 1, 0)
+    return None
+
+
+def too_deep_message(limit: int = MAX_JSON_DEPTH) -> str:
+    """The phrase every reader uses for JSON nested deeper than ``limit``."""
+    return f"JSON nested deeper than {limit} levels of arrays/objects (the limit)"
+
+
+def load_json_text(text: str, where: str) -> Any:
+    """``json.loads(text)`` after the nesting check; a refusal is one ``OneEncoderError`` naming ``where``.
+
+    Args:
+        text: The file's text.
+        where: The file, for the message (its line is added for a too-deep refusal).
+
+    Raises:
+        OneEncoderError: ``text`` nests deeper than :data:`MAX_JSON_DEPTH`.
+        json.JSONDecodeError: ``text`` is not JSON (callers word that themselves).
+    """
+    line = json_too_deep(text)
+    if line is not None:
+        raise OneEncoderError(f"{where}:{line}: {too_deep_message()}")
+    return json.loads(text)
 
 
 def _no_space(path: Path) -> bool:
@@ -156,8 +204,19 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def jsonl_line(row: Any) -> str:
+    """``row`` as one JSONL line: UTF-8 text as is, but ``\\u`` escapes for a string with a lone
+    surrogate (e.g. a rejected id ``"\\udc80"``), which UTF-8 cannot hold."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row)  # only such rows: every other line keeps its bytes
+    return line + "\n"
+
+
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(path, "".join(jsonl_line(r) for r in rows))
 
 
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
@@ -165,7 +224,7 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(jsonl_line(row))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

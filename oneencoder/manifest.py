@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import OneEncoderError
-from .fileio import not_utf8, write_jsonl_atomic
+from .fileio import json_too_deep, not_utf8, too_deep_message, write_jsonl_atomic
 
 SPLITS = ("train", "val", "test")
 #: Manifest field whose normalised value defines caption groups and the fixed split.
@@ -31,6 +31,9 @@ CAPTION_FIELD = "caption"
 #: Keys beginning with this are reserved for oneencoder's own bookkeeping.
 RESERVED_PREFIX = "_"
 SCHEMA_FILE = "manifest.schema.json"
+#: Longest sample id, in UTF-8 bytes. The feature cache keys LMDB entries by ``<2-byte prefix><id>``
+#: and LMDB refuses keys over 511 bytes; 500 leaves room. A longer id is a per-sample reject.
+MAX_ID_BYTES = 500
 
 
 def caption_key(caption: str) -> str:
@@ -83,6 +86,57 @@ def _modality_fields() -> tuple[set[str], set[str]]:
 
 
 # ----- validation ---------------------------------------------------------------------------
+
+
+def _preview(value: str, chars: int = 40) -> str:
+    """``value`` for a message: its repr, cut to ``chars`` characters (an id may be kilobytes long)."""
+    return repr(value) if len(value) <= chars else repr(value[:chars]) + f"... ({len(value)} characters)"
+
+
+def lone_surrogate(value: str) -> bool:
+    """Whether ``value`` holds a lone UTF-16 surrogate (``"\\udc80"``): not text, and not writable as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def id_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a sample id in the feature cache, as one phrase naming it, or None.
+
+    Ids are LMDB keys: a non-empty string of at most :data:`MAX_ID_BYTES` UTF-8 bytes, which
+    a lone surrogate cannot be encoded to.
+    """
+    if not isinstance(value, str) or not value:
+        return f"id must be a non-empty string, got {json.dumps(value, default=str)[:80]}"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return (f"id {value[:80]!r} holds a lone surrogate "
+                "(a \\ud800-\\udfff escape), which is not text; fix the id")
+    if size > MAX_ID_BYTES:
+        return (f"id {_preview(value)} is {size} bytes in UTF-8; ids are limited to {MAX_ID_BYTES} bytes "
+                "(the feature cache's key size); shorten it")
+    return None
+
+
+def _surrogate_field(row: dict) -> str | None:
+    """The first field (key) of ``row`` with a lone surrogate in its name or anywhere in its value."""
+    for key, value in row.items():
+        stack = [key, value]
+        while stack:  # a loop, not recursion: the nesting depth was checked, but needs no stack here
+            item = stack.pop()
+            if isinstance(item, str):
+                if lone_surrogate(item):
+                    return key
+            elif isinstance(item, list):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+    return None
+
 
 _TYPE_WORDS = {"string": "a string", "null": "null", "array": "a list", "object": "an object",
                "number": "a number", "integer": "an integer", "boolean": "true or false"}
@@ -140,19 +194,25 @@ def _rules() -> tuple[dict[str, dict], list[str], set[str]]:
     return rules, list(schema.get("required", [])), files
 
 
-def check_row(row: Any, rules: dict[str, dict] | None = None,
-              required: list[str] | None = None) -> tuple[str | None, str] | None:
+def check_row(row: Any, rules: dict[str, dict] | None = None, required: list[str] | None = None,
+              keyed: bool = True) -> tuple[str | None, str] | None:
     """What makes ``row`` an invalid manifest row: ``(field or None, one short phrase)``, or None.
 
     Args:
         row: One parsed JSON line.
         rules: Field rules (default: the schema's and the registered modalities').
         required: Required fields (default: the schema's).
+        keyed: Also check that the id can key the feature cache (:func:`id_problem`). Reading a
+            manifest does not: a too-long id is the one sample's reject in ``cache build``.
     """
     if rules is None or required is None:
         rules, required, _ = _rules()
     if not isinstance(row, dict):
         return None, f"each line must be a JSON object, got {type(row).__name__}"
+    bad = _surrogate_field(row)  # first: a message quoting such a value could not be printed
+    if bad is not None:
+        return bad, (f"field {bad!r} holds a lone surrogate (a \\ud800-\\udfff escape), which is not text; "
+                     "fix that escape")
     for key in required:
         if key not in row:
             return key, f"field {key!r} is missing"
@@ -162,6 +222,10 @@ def check_row(row: Any, rules: dict[str, dict] | None = None,
         rule = rules.get(key)
         if rule is not None and not _accepts(rule, value):
             return key, f"field {key!r} must be {_describe(rule)}, got {json.dumps(value, ensure_ascii=False)[:80]}"
+    if keyed:
+        why = id_problem(row["id"]) if "id" in row else None
+        if why:
+            return "id", why
     return None
 
 
@@ -199,11 +263,13 @@ def read_manifest(path: str | Path) -> Manifest:
                 raise OneEncoderError(not_utf8(f"{path}:{lineno}", e)) from None
             if not line.strip():
                 continue
+            if json_too_deep(line) is not None:  # before json.loads, which would raise RecursionError
+                raise OneEncoderError(f"{path}:{lineno}: {too_deep_message()}")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise OneEncoderError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            problem = check_row(row, rules, required)
+            problem = check_row(row, rules, required, keyed=False)
             if problem:
                 raise OneEncoderError(f"{path}:{lineno}: {problem[1]}")
             if row["id"] in seen:

@@ -21,9 +21,11 @@ from .config import StageConfig, parse_stage, resolve_stage_path
 from .errors import ConfigError
 from .manifest import read_manifest
 from .modality import get_modality_class
+from .names import safe_name
 from .pairs import model_modalities, stage_modalities
 from .progress import status
 from .registry import import_plugins
+from .runs import model_writer
 from .runtime import pick_device
 from .stage import run_stage
 
@@ -54,6 +56,10 @@ def add_modality_config(modality: str, manifest: str | Path, *, anchor: str | No
                         overrides: dict[str, dict[str, Any]] | None = None) -> StageConfig:
     """The stage config of an add-modality run: ``stages/<modality>.toml`` (if shipped) with the
     pair set to ``(modality, anchor)``, only ``modality`` trainable, and the given data."""
+    # The name picks a stage file and becomes a cache folder and an adapter file: check it first.
+    safe_name(modality, "modality")
+    if anchor is not None:
+        safe_name(anchor, "--anchor")
     raw, source = _stage_raw(modality, stage)
     plugins = raw.get("stage", {}).get("plugins", [])
     if isinstance(plugins, list):  # they may define the modality itself (parse_stage checks the type)
@@ -81,14 +87,27 @@ def add_modality(modality: str, model_dir: str | Path, manifest: str | Path, *, 
     A rerun resumes the stage's run; if its settings or data changed since, that is an
     error (``replace`` starts over), or with ``restart_if_changed`` it starts over.
 
+    A second writer of ``model_dir`` (``train``, ``add-modality``) stops at once with one
+    line; the lock is held from before caching until the model directory is final.
+
     Returns:
         The stage summary: best epoch, timings and held-out test results in every direction
         (None on ranks > 0 under ``torchrun``).
     """
     config = add_modality_config(modality, manifest, anchor=anchor, cache_dir=cache_dir, stage=stage,
                                  overrides=overrides)
+    read_meta(model_dir)  # not a model directory: say so before making a lock beside it
+    with model_writer(model_dir):
+        return _add_modality(config, modality, model_dir, replace, restart_if_changed, workers, log, progress)
+
+
+def _add_modality(config: StageConfig, modality: str, model_dir: str | Path, replace: bool, restart_if_changed: bool,
+                  workers: int, log: Callable[[str], None], progress: bool) -> dict[str, Any] | None:
+    """:func:`add_modality` with the model directory's writer lock held."""
     anchor = config.modalities[1]
     meta = read_meta(model_dir)
+    for name in meta["modalities"]:  # names read from the model become cache folders
+        safe_name(name, f"{model_dir}/oneencoder.json: modality")
     if anchor not in meta["modalities"]:
         raise ConfigError(f"--anchor {anchor}: the model holds {', '.join(meta['modalities'])}")
     records = read_manifest(config.data.manifest)

@@ -79,8 +79,23 @@ def import_class(path: str) -> type:
     return obj
 
 
+#: Appended to a plugin's import error: the one line hides the traceback, these show it.
+DEBUG_HINT = "rerun with `oneencoder --debug ...` or ONEENCODER_DEBUG=1 for the traceback"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def import_plugins(modules: list[str] | tuple[str, ...], where: str = "--plugin") -> None:
-    """Import plugin modules so their decorators register what they define."""
+    """Import plugin modules so their decorators register what they define.
+
+    Raises:
+        MissingDependencyError: A module, or one it imports, is not installed.
+        ConfigError: Importing a module raised; one line naming the module and the exception,
+            which stays chained (``__cause__``) for ``--debug`` to print.
+    """
     for name in modules:
         try:
             importlib.import_module(name)
@@ -89,7 +104,10 @@ def import_plugins(modules: list[str] | tuple[str, ...], where: str = "--plugin"
                 raise MissingDependencyError(
                     f"{where} {name}: no module named {e.name!r} here; install the package that provides it "
                     "(pip install -e <its folder>) or put its folder on PYTHONPATH") from None
-            raise
+            raise MissingDependencyError(f"{where} {name}: importing it needs the module {e.name!r}, which is not "
+                                         f"installed ({DEBUG_HINT})") from e
+        except Exception as e:  # the plugin's own code failed: its problem, in one line
+            raise ConfigError(f"{where} {name}: importing it raised {_first_line(e)} ({DEBUG_HINT})") from e
 
 
 def distribution_of(module: str) -> tuple[str, str] | None:
@@ -148,10 +166,11 @@ class Registry(Generic[T]):
     def _load_entry_point(self, ep: metadata.EntryPoint) -> None:
         try:
             cls = ep.load()
-        except ImportError as e:
+        except Exception as e:  # ImportError, or the plugin's own code raising on import
+            why = e if isinstance(e, ImportError) else _first_line(e)
             raise MissingDependencyError(f"{self.kind} {ep.name!r} ({ep.value}, entry point of "
                                          f"{ep.dist.name if ep.dist else 'an installed package'}) "
-                                         f"cannot be imported: {e}") from None
+                                         f"cannot be imported: {why}") from e
         if self._key(cls) not in self._classes:
             self.register(cls)
 

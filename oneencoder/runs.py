@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from .cache import cache_lock
 from .checkpoint import META
 from .config import StageConfig
+from .distributed import launched_by_torchrun
+from .errors import ConfigError
+from .names import remove_tree_inside
 from .transaction import JOURNAL, PENDING
 
 RUN_SETTINGS = "settings.json"
@@ -70,5 +75,46 @@ def remove_model_files(model_dir: Path) -> None:
         pending.unlink()
     (model_dir / META).unlink(missing_ok=True)
     (model_dir / "projection.safetensors").unlink(missing_ok=True)
-    shutil.rmtree(model_dir / "adapters", ignore_errors=True)
-    shutil.rmtree(model_dir / "runs", ignore_errors=True)
+    remove_tree_inside(model_dir, "adapters")
+    remove_tree_inside(model_dir, "runs")
+
+
+_HELD: set[Path] = set()  # model directories this process holds the writer lock of
+
+
+@contextlib.contextmanager
+def model_writer(model_dir: str | Path) -> Iterator[None]:
+    """Be the one process that writes ``model_dir``, or stop at once with one line.
+
+    Two runs on one directory would interleave ``metrics.jsonl``, and each would record
+    weights and settings the other overwrote. The lock is the feature cache's
+    (:func:`oneencoder.cache.cache_lock`): ``<model>.lock`` beside the directory, not
+    inside it (the directory's files are exactly the model's), released by the kernel
+    when the process dies. Re-entrant within a process (``add_modality`` holds it around
+    ``run_stage``). Under ``torchrun`` only rank 0 writes, so only rank 0 takes it, and
+    before any collective: its refusal ends the job instead of leaving the others waiting.
+    """
+    if launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = Path(model_dir).resolve()
+    if path in _HELD:
+        yield
+        return
+    if not path.name:
+        raise ConfigError(f"--model {model_dir}: name a folder for the model, not the file system root")
+
+    def busy(holder: str) -> str:
+        who = f" (pid {holder})" if holder else ""
+        return (f"{model_dir} is being written by another oneencoder process{who}; "
+                "wait for it to finish or use another --model")
+
+    def unwritable(e: OSError) -> str:
+        return f"cannot write the model directory {model_dir}: {e.strerror} ({e.filename}); pick a writable --model"
+
+    with cache_lock(path, busy=busy, unwritable=unwritable):
+        _HELD.add(path)
+        try:
+            yield
+        finally:
+            _HELD.discard(path)

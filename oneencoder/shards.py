@@ -20,13 +20,13 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .cache import FeatureCache, cache_dir_for, cache_lock, read_rejects, rejects_path, update_rejects
 from .errors import CacheMismatchError, OneEncoderError
+from .names import remove_tree_inside, safe_name
 
 _SHARD_DIR = re.compile(r"^(\d+)-of-(\d+)$")
 
@@ -121,6 +121,7 @@ def merge_shards(modality: str, fingerprint: dict[str, Any], cache_root: str | P
         OneEncoderError: No shards, shards of several counts, or a shard missing, unfinished or being built.
         CacheMismatchError: A shard was built with another fingerprint.
     """
+    safe_name(modality, "modality")  # it names the cache folder, and the shard folders removed below
     shards = _finished_shards(modality, cache_root, count)
     target = cache_dir_for(cache_root, modality)
     report = MergeReport(modality, len(shards), 0, 0, 0)
@@ -178,7 +179,7 @@ def _finished_shards(modality: str, cache_root: str | Path, count: int | None) -
 
 def _remove_shard(shard: Shard, cache_root: str | Path, modality: str) -> None:
     root = shard.root(cache_root)
-    shutil.rmtree(cache_dir_for(root, modality), ignore_errors=True)
+    remove_tree_inside(root, modality)  # = cache_dir_for(root, modality), proven inside the shard
     for leftover in (rejects_path(root, modality), shard.done_path(cache_root, modality),
                      root / f"{modality}.lock"):
         leftover.unlink(missing_ok=True)

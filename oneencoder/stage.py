@@ -11,7 +11,6 @@ builds the model and wires them to the :class:`~oneencoder.train.Trainer`.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,12 @@ from .fileio import sha256_file, write_json_atomic
 from .manifest import manifest_hash, read_manifest
 from .model import OneEncoderModel, build_model
 from .modality import Modality
+from .names import remove_tree_inside, safe_name
 from .objective import PairObjective, retrieval_validator, stage_loss
 from .pairs import (frozen_neighbours, load_pair_split, locked_anchor, model_modalities, pooled_frozen,
                     require_pairs, stage_difficulty, stage_modalities, train_difficulty, train_trust)
 from .progress import status
-from .runs import changed_settings, remove_model_files, run_settings, RUN_SETTINGS
+from .runs import changed_settings, model_writer, remove_model_files, run_settings, RUN_SETTINGS
 from .runtime import deterministic_on_cpu, pick_device, seed_everything
 from .train import Trainer
 from .transaction import recover
@@ -96,7 +96,7 @@ def _prepare_model(config: StageConfig, model_dir: Path, metas: dict[str, dict],
     return model
 
 
-def _resolve_run(config: StageConfig, run_dir: Path, settings: dict[str, Any], resuming: bool,
+def _resolve_run(config: StageConfig, model_dir: Path, run_dir: Path, settings: dict[str, Any], resuming: bool,
                  restart_if_changed: bool) -> tuple[bool, bool]:
     """``(resuming, start_over)`` after comparing the stored run settings with these."""
     changed = changed_settings(run_dir, settings) if resuming else None
@@ -106,7 +106,7 @@ def _resolve_run(config: StageConfig, run_dir: Path, settings: dict[str, Any], r
                               f"pass {flag} to start it over")
     if changed:
         status(f"{config.name}: the run in {run_dir} was {changed}; starting it over")
-        shutil.rmtree(run_dir)
+        remove_tree_inside(model_dir, "runs", config.name)
         return False, True
     return resuming, False
 
@@ -139,15 +139,29 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     Under ``torchrun`` every rank runs this function: ``[train] batch_size`` is per rank,
     rank 0 alone writes files, and the other ranks return None.
 
+    One process writes a model directory at a time: a second ``run_stage`` on it stops at
+    once with one line (:func:`oneencoder.runs.model_writer`) and touches nothing.
+
     Returns the test results (as written to ``<model_dir>/runs/<stage>/test.json``).
     """
-    model_dir = Path(model_dir)
+    # A config built in code skips parse_stage: its names become paths, so check them here too.
+    safe_name(config.name, "stage name")
+    for name in config.modalities:
+        safe_name(name, f"stage {config.name!r} modality")
+    with model_writer(model_dir):
+        return _run_stage(config, Path(model_dir), resume, overwrite, replace, restart_if_changed, progress,
+                          init_from)
+
+
+def _run_stage(config: StageConfig, model_dir: Path, resume: bool, overwrite: bool, replace: bool,
+               restart_if_changed: bool, progress: bool, init_from: str | Path | None) -> dict[str, Any] | None:
+    """:func:`run_stage` with the model directory's writer lock held."""
     init_from = Path(init_from) if init_from else None
     run_dir = model_dir / "runs" / config.name
     device = ddp.rank_device(pick_device(config.train.device))
     ddp.init_distributed(device)
     if ddp.is_main() and run_dir.exists() and ((overwrite and not resume) or replace):
-        shutil.rmtree(run_dir)
+        remove_tree_inside(model_dir, "runs", config.name)
     ddp.barrier()
     # Rerunning a stage resumes it; a finished run resumes to its end and re-reports.
     resuming = resume and _started_run(run_dir)
@@ -172,7 +186,7 @@ def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True
     if init_from is not None:
         settings["init_from"] = read_meta(init_from)["files"]  # the weights it starts from
     if ddp.is_main():  # it may delete the old run, so only rank 0 decides
-        resuming, started_over = _resolve_run(config, run_dir, settings, resuming, restart_if_changed)
+        resuming, started_over = _resolve_run(config, model_dir, run_dir, settings, resuming, restart_if_changed)
     else:
         started_over = False
     resuming, started_over = ddp.broadcast_object((resuming, started_over))
@@ -258,6 +272,8 @@ def _test(config: StageConfig, model_dir: Path, run_dir: Path, modalities: dict[
     evaluated = dict(modalities)
     if anchor is not None:  # also the model's other modalities: emergent pairs never trained together
         others = model_modalities(model_dir, records, set(config.modalities))
+        for name in others:  # names read from oneencoder.json become cache folders
+            safe_name(name, f"{model_dir / META}: modality")
         evaluated.update({n: m for n, m in others.items()
                           if (cache_dir_for(config.data.cache_dir, n) / "data.mdb").exists()})
     test = evaluate_samples(best, evaluated, records, config.data.cache_dir, "test")

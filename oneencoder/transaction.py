@@ -23,7 +23,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from .errors import ConfigError
 from .fileio import atomic_path, write_json_atomic
+from .names import path_inside
 
 JOURNAL = ".commit.json"
 PENDING = ".next"
@@ -36,11 +38,21 @@ def _pending(directory: Path, rel: str) -> Path:
 def _journal_files(directory: Path) -> list[str] | None:
     path = directory / JOURNAL
     try:
-        return list(json.loads(path.read_text(encoding="utf-8"))["files"])
+        files = list(json.loads(path.read_text(encoding="utf-8"))["files"])
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return []  # a journal is written atomically; an unreadable one was never a commit
+    # We only ever name files inside the directory: a journal naming one outside (an edited
+    # or hostile model directory) was never ours, and nothing it names is moved.
+    try:
+        for rel in files:
+            if not isinstance(rel, str):
+                return []
+            path_inside(directory, *rel.split("/"))
+    except ConfigError:
+        return []
+    return files
 
 
 def _roll_forward(directory: Path, files: list[str]) -> None:

@@ -7,6 +7,10 @@ one ``OneEncoderError``, never another exception:
   an accepted one hashes, and each caption and image path prepares or is a ``SampleError``;
 * stage files: random TOML values for every known option; an accepted one builds its
   modalities, pacer, loss and model, and takes one finite optimizer step on random features;
+* hostile sizes: JSON nested around and far past :data:`MAX_JSON_DEPTH`, lone surrogates in
+  ids and captions, ids around :data:`MAX_ID_BYTES` in 1- to 4-byte characters: a manifest
+  reads or is one printable line naming its line, ``data import`` rejects just that row,
+  and the feature cache stores exactly the ids :func:`id_problem` passes;
 * model directories: ``oneencoder.json`` with keys dropped or retyped, files replaced by
   garbage, truncated or foreign safetensors (checksum updated or not); an accepted one
   loads and embeds a real stamp's cached caption and image features to finite unit
@@ -42,7 +46,9 @@ from oneencoder.config import (AdapterConfig, CurriculumConfig, LossConfig, Proj
                                load_stage)
 from oneencoder.curriculum.pacers import create_pacer, list_pacers  # noqa: E402
 from oneencoder.errors import OneEncoderError, SampleError  # noqa: E402
-from oneencoder.manifest import SPLITS, manifest_hash, read_manifest  # noqa: E402
+from oneencoder.data_import import import_table  # noqa: E402
+from oneencoder.fileio import MAX_JSON_DEPTH  # noqa: E402
+from oneencoder.manifest import MAX_ID_BYTES, SPLITS, id_problem, manifest_hash, read_manifest  # noqa: E402
 from oneencoder.modality import create_stage_modalities, get_modality_class  # noqa: E402
 from oneencoder.model import build_model  # noqa: E402
 from oneencoder.objective import stage_loss  # noqa: E402
@@ -289,6 +295,113 @@ def test_fuzzed_stage_file_loads_or_is_one_error(text: bytes, tmp_path_factory) 
         event(f"refused: {_kind(e)}")
         return
     event("accepted: one finite step")
+
+
+# ----- hostile sizes: nesting depth, lone surrogates, long ids (issue 26) ---------------------
+
+#: Depths around the limit, and far past Python's recursion limit.
+nesting_depths = st.integers(1, 3 * MAX_JSON_DEPTH) | st.sampled_from(
+    [MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 1000, 100_000])
+lone_surrogates = st.integers(0xD800, 0xDFFF).map(chr)  # st.text() never draws these (category Cs)
+texts_with_a_surrogate = st.tuples(st.text(max_size=6), lone_surrogates, st.text(max_size=6)).map("".join)
+
+
+@st.composite
+def long_ids(draw) -> str:
+    """Ids of 1- to 4-byte characters whose UTF-8 size lies near :data:`MAX_ID_BYTES`, or anywhere up to 4x."""
+    char = draw(st.sampled_from(["a", "\xe9", "\u20ac", "\U0001f600"]))
+    per = len(char.encode("utf-8"))
+    near = MAX_ID_BYTES // per
+    n = draw(st.integers(near - 2, near + 2) | st.integers(1, 4 * MAX_ID_BYTES // per))
+    return draw(st.text(max_size=3)) + char * n
+
+
+def _nested_json(depth: int, brackets: str) -> str:
+    """JSON text ``depth`` levels deep: ``[[...]]`` or ``{"a": {"a": ... 1}}``."""
+    if brackets == "[":
+        return "[" * depth + "]" * depth
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+@st.composite
+def hostile_rows(draw) -> tuple[str, str, Any]:
+    """``(kind, one JSONL line, what it holds)``: a deep field, a lone surrogate in the id or a
+    caption, or a long id; the line is exactly what a hostile file would hold."""
+    kind = draw(st.sampled_from(["deep", "surrogate id", "surrogate caption", "long id"]))
+    if kind == "deep":
+        depth = draw(nesting_depths)
+        return kind, '{"id": "deep", "caption": "A cat.", "x": ' + _nested_json(depth, draw(st.sampled_from("[{"))) \
+            + "}", depth + 1  # the row's own object is one level
+    if kind == "long id":
+        sid = draw(long_ids())
+        return kind, json.dumps({"id": sid, "caption": "A cat."}, ensure_ascii=draw(st.booleans())), sid
+    text = draw(texts_with_a_surrogate)
+    row = {"id": text, "caption": "A cat."} if kind == "surrogate id" else {"id": "s", "caption": text}
+    return kind, json.dumps(row), text  # ASCII JSON: the surrogate as a \\udXXX escape, as a hostile file writes it
+
+
+@settings(FUZZ, max_examples=150)
+@given(hostile=hostile_rows())
+def test_fuzzed_hostile_manifest_row_reads_or_is_one_printable_line(hostile, tmp_path_factory) -> None:
+    """Deep rows and lone surrogates are one line naming file and line; a long id reads (cache build rejects it)."""
+    kind, line, held = hostile
+    path = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp())) / "manifest.jsonl"
+    path.write_text(json.dumps({"id": "good", "caption": "A dog."}) + "\n" + line + "\n", encoding="utf-8")
+    try:
+        rows = read_manifest(path)
+    except OneEncoderError as e:
+        message = str(e)
+        assert "\n" not in message and message.startswith(f"{path}:2: ")
+        message.encode("utf-8")  # printable as it is
+        if kind == "deep":
+            assert held > MAX_JSON_DEPTH and "nested deeper than" in message
+        else:
+            assert kind.startswith("surrogate") and "lone surrogate" in message
+        event(f"refused: {kind}")
+        return
+    assert kind == "long id" or (kind == "deep" and held <= MAX_JSON_DEPTH), kind
+    assert len(rows) == 2 and len(manifest_hash(rows)) == 64
+    event(f"accepted: {kind}")
+
+
+@settings(FUZZ, max_examples=100)
+@given(hostile=hostile_rows())
+def test_fuzzed_hostile_table_row_is_imported_or_rejected(hostile, tmp_path_factory) -> None:
+    """In `data import` every hostile row is that row's reject (with its line) or a sample; the good row stays."""
+    kind, line, held = hostile
+    folder = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    (folder / "t.jsonl").write_text(json.dumps({"id": "good", "caption": "A dog."}) + "\n" + line + "\n",
+                                    encoding="utf-8")
+    report = import_table(folder / "t.jsonl", folder / "m.jsonl", ["text=caption"], id_col="id", progress=False)
+    assert report.samples[0]["id"] == "good"
+    too_long = kind == "long id" and len(held.encode("utf-8")) > MAX_ID_BYTES
+    refused = (kind == "deep" and held > MAX_JSON_DEPTH) or kind.startswith("surrogate") or too_long
+    assert len(report.samples) == 1 + (not refused)
+    assert [r["line"] for r in report.rejects] == ([2] if refused else [])
+    read_manifest(folder / "m.jsonl")  # what an import writes always reads back
+    assert [json.loads(x)["line"] for x in report.rejects_path.read_text(encoding="utf-8").splitlines()] \
+        == [r["line"] for r in report.rejects]
+    event(f"{'rejected' if refused else 'imported'}: {kind}")
+
+
+@settings(FUZZ, max_examples=150)
+@given(sid=long_ids() | texts_with_a_surrogate | st.text(max_size=20))
+def test_fuzzed_id_keys_the_cache_exactly_when_id_problem_says(sid: str, tmp_path_factory) -> None:
+    """:func:`id_problem` is the cache's own rule: a real LMDB stores every id it passes, refuses the rest."""
+    from oneencoder.cache import FeatureCache
+
+    root = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
+    with FeatureCache(root / "c", {"feature_dim": 2, "max_tokens": 1}) as cache:
+        tokens = torch.ones(1, 2)
+        if id_problem(sid) is None:
+            cache.put_many([(sid, tokens, {})])
+            assert cache.ids() == {sid} and torch.equal(cache.get(sid).float(), tokens)
+            event("stored")
+        else:
+            with pytest.raises(SampleError):
+                cache.put_many([(sid, tokens, {})])
+            assert cache.ids() == set()
+            event("refused")
 
 
 # ----- model directories --------------------------------------------------------------------
