@@ -30,6 +30,7 @@ from torch import nn
 from oneencoder.backbones import existing_path, freeze, packaged_path, require
 from oneencoder.errors import ConfigError, SampleError
 from oneencoder.fileio import sha256_file
+from oneencoder.inputs import tensor_to_numpy
 from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "pypi:aisfx"
@@ -150,7 +151,7 @@ def _decode_file(path: Path) -> tuple[np.ndarray, int]:
 
 def _as_channels_first(wave: Any, where: str) -> np.ndarray:
     if isinstance(wave, torch.Tensor):
-        wave = wave.detach().cpu().numpy()
+        wave = tensor_to_numpy(wave, where)
     try:
         arr = np.asarray(wave, dtype=np.float32)
     except (TypeError, ValueError) as e:

@@ -32,9 +32,12 @@ tensor ``[H, W]`` or ``[H, W, 1]``.
 
 from __future__ import annotations
 
+import math
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -43,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from oneencoder.errors import ConfigError, SampleError
+from oneencoder.inputs import tensor_to_numpy
 from oneencoder.modalities.image import DEFAULT_BACKBONE, ImageBackboneMixin
 from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
 
@@ -50,6 +54,12 @@ ENCODINGS = ("disparity", "normals", "hha", "disparity+normals")
 _DISPARITY_FLOOR = 0.1  # the farthest valid point stays distinguishable from "missing" (0)
 _EDGE_JUMP = 0.05  # relative depth jump between neighbours that counts as a discontinuity
 _MIN_SIDE = 2  # normals need a neighbour in each direction
+
+# Largest depth map read from a file, checked from its .npy header (or image header) before
+# any allocation: 8192 x 8192 values, and as many float64 bytes (512 MiB). Normals take
+# several float32 copies of the map, so this bounds the work too.
+MAX_DEPTH_VALUES = 8192 * 8192
+MAX_DEPTH_BYTES = MAX_DEPTH_VALUES * 8
 
 
 @dataclass
@@ -67,6 +77,62 @@ class DepthMap:
 # ----- reading ---------------------------------------------------------------------------
 
 
+def _npy_header(f: IO[bytes], where: str, available: int) -> None:
+    """Check a ``.npy`` stream's header against the limits before NumPy allocates anything.
+
+    Args:
+        f: The stream, at the start of the ``.npy`` data (left just after the header).
+        where: The file (and ``.npz`` member) for the error.
+        available: Bytes the stream holds in all, header included.
+
+    Raises:
+        SampleError: unreadable header, non-numeric dtype, more than ``MAX_DEPTH_VALUES``
+            values or ``MAX_DEPTH_BYTES`` bytes, or fewer bytes in the file than the header claims.
+    """
+    from numpy.lib import format as npformat
+
+    try:
+        version = npformat.read_magic(f)
+        readers = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}
+        if version in readers:
+            shape, _, dtype = readers[version](f)
+        else:  # 3.0 (utf-8 field names) has no public reader
+            shape, _, dtype = npformat._read_array_header(f, version)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+        raise SampleError(f"{where}: unreadable .npy header ({type(e).__name__}: {e})") from None
+    if dtype.hasobject or dtype.kind not in "iuf":
+        raise SampleError(f"{where}: depth must be a numeric array, got dtype {dtype}")
+    values = math.prod(int(n) for n in shape)
+    nbytes = values * dtype.itemsize
+    if values > MAX_DEPTH_VALUES or nbytes > MAX_DEPTH_BYTES:
+        raise SampleError(f"{where}: .npy header claims shape {tuple(shape)} {dtype} ({values:,} values, "
+                          f"{nbytes:,} bytes), over the limit of {MAX_DEPTH_VALUES:,} values and "
+                          f"{MAX_DEPTH_BYTES:,} bytes per depth map")
+    held = available - f.tell()
+    if nbytes > held:
+        raise SampleError(f"{where}: truncated .npy: its header claims {nbytes:,} bytes of data, "
+                          f"the file holds {held:,}")
+
+
+def _check_npy_file(path: Path, suffix: str) -> None:
+    """Every array header of a ``.npy`` or ``.npz`` file, checked against the limits."""
+    if suffix == ".npy":
+        with open(path, "rb") as f:
+            _npy_header(f, str(path), path.stat().st_size)
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as member:
+                        _npy_header(member, f"{path}[{info.filename[:-4]}]", info.file_size)
+                elif info.file_size > MAX_DEPTH_BYTES:  # NumPy would read this member whole
+                    raise SampleError(f"{path}[{info.filename}]: {info.file_size:,} bytes, over the limit of "
+                                      f"{MAX_DEPTH_BYTES:,} bytes per depth map")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as e:
+        raise SampleError(f"{path}: not a readable .npz depth archive ({type(e).__name__}: {e})") from None
+
+
 def _read_file(path: Path, depth_scale: float) -> np.ndarray:
     if not path.is_file():
         raise SampleError(f"{path}: depth file not found")
@@ -78,18 +144,28 @@ def _read_file(path: Path, depth_scale: float) -> np.ndarray:
             raise SampleError(f"{path}: not a .npy file (no NumPy header); save depth with numpy.save")
         if suffix == ".npz" and not magic.startswith(b"PK"):
             raise SampleError(f"{path}: not a .npz file (not a zip archive); save depth with numpy.savez_compressed")
+        _check_npy_file(path, suffix)  # a hostile header must not make NumPy allocate terabytes
         try:
             arr = np.load(path, allow_pickle=False)
             if suffix == ".npz":
                 arr = _only_array(arr, path)
-        except (ValueError, OSError, EOFError, KeyError) as e:
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
             raise SampleError(f"{path}: not a readable {suffix} depth array ({type(e).__name__}: {e})") from None
         return _to_metres(arr, depth_scale, str(path))
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # the limit below is checked first, from the header
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img_file = Image.open(path)
+        with img_file as img:
+            w, h = img.size
+            if w * h > MAX_DEPTH_VALUES:
+                raise SampleError(f"{path}: {w}x{h} depth image has {w * h:,} pixels, over the limit of "
+                                  f"{MAX_DEPTH_VALUES:,}")
             img.load()
             mode = img.mode
             arr = np.asarray(img)
+    except Image.DecompressionBombError:
+        raise SampleError(f"{path}: depth image is over the limit of {MAX_DEPTH_VALUES:,} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise SampleError(f"{path}: cannot decode depth image ({type(e).__name__}: {e})") from None
     if mode == "F":  # 32-bit float image: already metres
@@ -112,7 +188,7 @@ def _only_array(archive: Any, path: Path) -> np.ndarray:
 def _to_metres(arr: Any, depth_scale: float, where: str) -> np.ndarray:
     """Float arrays are metres, integer arrays sensor units (times ``depth_scale``)."""
     if isinstance(arr, torch.Tensor):
-        arr = arr.detach().cpu().numpy()
+        arr = tensor_to_numpy(arr, where)
     arr = np.asarray(arr)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise SampleError(f"{where}: depth must be a numeric array, got dtype {arr.dtype}")

@@ -9,6 +9,12 @@ frozen ImageNet head's class probabilities for that token, averaged over the
 1000 class names as embedded by the frozen text backbone. It is a fixed,
 training-free bridge from pixels to language that generalises to captions never
 seen in training (see docs/results.md for what it adds).
+
+Inputs are read with their real range (:func:`standard_mode`): 16-bit grey PNGs/TIFFs
+are scaled by their bit depth and float images in [0, 1] by 255, not clipped at 255;
+premultiplied alpha (``La``, ``RGBa``) is made straight. Empty images, closed PIL
+images and files over ``MAX_IMAGE_PIXELS`` (checked from the header) are one-line
+``SampleError`` rejects.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import functools
 import io
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,16 @@ from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
 _GRID = {"grid": True, "pooled": False, "grid+pooled": True}
+
+# Largest image read (width x height), checked from the file's header before its pixels are
+# decoded. It is the size at which Pillow's default decompression-bomb check already refused
+# an image (twice its warning level of 89,478,485), so no image that loaded before is refused
+# (Openclipart ships 13 PNGs of 105-169 M pixels); it also holds where an application has
+# switched Pillow's check off.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+# Premultiplied-alpha modes Pillow cannot convert to RGB: their straight-alpha counterparts.
+_STRAIGHT_ALPHA = {"La": "LA", "RGBa": "RGBA"}
+_WITH_ALPHA = ("RGBA", "LA", "P", "PA")  # composited on white before the backbone sees them
 
 
 def _default_weights() -> Path:
@@ -165,25 +182,94 @@ def _imagenet_label_embeddings(text_options: dict[str, Any]) -> torch.Tensor:
     return out.clone()
 
 
+def _check_size(img: Image.Image, where: str, decoding: bool) -> None:
+    """Refuse empty images, and images still to be decoded over ``MAX_IMAGE_PIXELS``, from their size alone."""
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise SampleError(f"{where}: empty image ({w}x{h} pixels)")
+    if decoding and w * h > MAX_IMAGE_PIXELS:
+        raise SampleError(f"{where}: {w}x{h} image is over the limit of {MAX_IMAGE_PIXELS:,} pixels "
+                          f"(it has {w * h:,}); downscale it first")
+
+
+def _grey_from_values(values: np.ndarray, top: float, where: str) -> Image.Image:
+    """An 8-bit grey image of ``values``: ``top`` maps to 255, or min-max when ``top`` is 0."""
+    arr = values.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise SampleError(f"{where}: image holds NaN or infinite pixel values")
+    if top <= 0:  # no known range: stretch what is there
+        lo, hi = float(arr.min()), float(arr.max())
+        arr, top = arr - lo, (hi - lo) or 1.0
+    return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+
+
+def standard_mode(img: Image.Image, where: str = "PIL image") -> Image.Image:
+    """``img`` in a mode the preprocessing converts faithfully; the same object when it already is.
+
+    * 16-bit grey (``I;16*``) is scaled by its bit depth (65535 is white), not clipped at 255;
+    * 32-bit integers (``I``) keep 0-255 values, are scaled as 16-bit when they fit in 0-65535,
+      and are min-max stretched otherwise;
+    * 32-bit floats (``F``) in [0, 1] are scaled by 255, kept in [0, 255], stretched otherwise;
+    * premultiplied alpha (``La``, ``RGBa``) becomes straight alpha.
+
+    Raises:
+        SampleError: the image is closed or unreadable, empty, still to be decoded and over
+            ``MAX_IMAGE_PIXELS``, or holds NaN or infinite float pixels.
+    """
+    # The pixel limit guards decoding: an image already in memory has passed that point.
+    _check_size(img, where, decoding=getattr(img, "fp", None) is not None)
+    try:
+        img.load()  # a closed image raises here; a lazily opened one is decoded
+    except (ValueError, OSError, SyntaxError) as e:
+        raise SampleError(f"{where}: cannot read this PIL image ({type(e).__name__}: {e})") from None
+    mode = img.mode
+    if mode in _STRAIGHT_ALPHA:
+        return img.convert(_STRAIGHT_ALPHA[mode])
+    if mode.startswith("I;16"):
+        return _grey_from_values(np.asarray(img), 65535.0, where)
+    if mode in ("I", "F"):
+        arr = np.asarray(img)
+        if mode == "F" and not np.isfinite(arr).all():
+            raise SampleError(f"{where}: image holds NaN or infinite pixel values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0 and hi <= 255 and not (mode == "F" and hi <= 1):
+            return img  # 8-bit values in a wider container: Pillow's own conversion is exact
+        if mode == "F" and lo >= 0 and hi <= 1:
+            return _grey_from_values(arr, 1.0, where)
+        return _grey_from_values(arr, 65535.0 if mode == "I" and lo >= 0 and hi <= 65535 else 0.0, where)
+    return img
+
+
 def _open(source: Any) -> Image.Image:
     if isinstance(source, Image.Image):
-        return source
+        return standard_mode(source)
     path = Path(source)
     if not path.is_file():
         raise SampleError(f"{path}: image file not found")
     try:
-        if path.suffix.lower() == ".svg":
-            cairosvg = require("cairosvg")
-            png = cairosvg.svg2png(url=str(path), output_width=448)
-            img = Image.open(io.BytesIO(png))
-        else:
-            img = Image.open(path)
-        img.load()
+        # Pillow warns from half of MAX_IMAGE_PIXELS and refuses above it; the limit is
+        # checked here from the header (again below), before any pixel is decoded.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if path.suffix.lower() == ".svg":
+                cairosvg = require("cairosvg")
+                png = cairosvg.svg2png(url=str(path), output_width=448)
+                img = Image.open(io.BytesIO(png))
+            else:
+                img = Image.open(path)
+    except Image.DecompressionBombError:
+        raise SampleError(f"{path}: image is over the limit of {MAX_IMAGE_PIXELS:,} pixels; "
+                          "downscale it first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise SampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
     except Exception as e:  # cairosvg/XML parser errors have many types
         raise SampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
-    return img
+    _check_size(img, str(path), decoding=True)
+    try:
+        img.load()
+    except Exception as e:  # OSError, ValueError, SyntaxError; Pillow plugins raise other types too
+        raise SampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    return standard_mode(img, str(path))
 
 
 @register_modality
@@ -306,12 +392,15 @@ class ImageModality(Modality):
                 Image.new("RGBA", (50, 80), (200, 30, 30, 128))]  # half-transparent, another shape
 
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
-        img = raw
-        if img.mode in ("RGBA", "LA", "P"):
-            img = img.convert("RGBA")
-            canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(canvas, img)
-        img = img.convert("RGB")
+        img = standard_mode(raw)  # a no-op for what ``load`` returns; here for direct callers
+        try:
+            if img.mode in _WITH_ALPHA:
+                img = img.convert("RGBA")
+                canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(canvas, img)
+            img = img.convert("RGB")
+        except (ValueError, OSError) as e:  # a mode Pillow cannot convert to RGB
+            raise SampleError(f"image mode {raw.mode!r} cannot be converted to RGB ({e})") from None
         # Pad to a square on white so cut-outs keep their whole outline, then resize.
         side = max(img.size)
         square = Image.new("RGB", (side, side), (255, 255, 255))

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,18 @@ from oneencoder.fileio import sha256_text
 from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "rdkit:morgan-count+fragments"
+
+# Size caps, checked before any work that grows faster than linearly: RDKit's Bertz
+# complexity (a difficulty measurement) and 2-D drawing take ~0.5 s at 600 atoms, ~2.5 s at
+# 1,000 and minutes at 5,000. The largest molecule of the PubChem table that `data
+# chemicals` reads has 473 atoms and 1,155 characters.
+MAX_SMILES_CHARS = 4096
+MAX_SMILES_ATOMS = 600
+_PREVIEW_CHARS = 60  # how much of a rejected SMILES its one-line error quotes
+_MESSAGE_CHARS = 300  # RDKit's reason repeats the whole input; keep the line short
+# A CXSMILES extension block after one space (``CCO |$;;$|``) is the one thing RDKit may
+# read after whitespace; anything else after it would silently become the molecule's name.
+_CXSMILES_TAIL = re.compile(r"\S+ \|[^|\s]*\|")
 
 
 def _rdkit() -> Any:
@@ -88,11 +101,39 @@ def _clean_rdkit_message(text: str) -> str:
     return "; ".join(lines)
 
 
+def _preview(text: str) -> str:
+    """``text`` quoted for a one-line error, shortened when long."""
+    if len(text) <= _PREVIEW_CHARS:
+        return repr(text)
+    return f"{text[:_PREVIEW_CHARS]!r}... ({len(text):,} characters)"
+
+
+def _check_text(text: str) -> None:
+    """Refuse what cannot be one SMILES before RDKit reads it (its cost grows with the size)."""
+    if len(text) > MAX_SMILES_CHARS:
+        raise SampleError(f"SMILES {_preview(text)} is over the limit of {MAX_SMILES_CHARS:,} characters")
+    if any(not c.isprintable() and not c.isspace() for c in text):  # NUL, escape codes...
+        raise SampleError(f"invalid SMILES {_preview(text)}: it holds control characters")
+
+
+def _check_no_tail(text: str) -> None:
+    """Refuse text after the SMILES. RDKit stops at the first space or tab and keeps the rest
+    as the molecule's name, so "O=C=O extra words" would silently be read as CO2."""
+    if any(c.isspace() for c in text) and not _CXSMILES_TAIL.fullmatch(text):
+        first = text.split()[0]
+        raise SampleError(f"invalid SMILES {_preview(text)}: text after {_preview(first)} is not SMILES "
+                          "(one molecule per field, no spaces or names)")
+
+
 def parse_smiles(smiles: str) -> Any:
     """SMILES to a sanitised RDKit ``Mol``.
 
+    Leading and trailing whitespace is ignored; a SMILES longer than ``MAX_SMILES_CHARS``
+    characters, with more than ``MAX_SMILES_ATOMS`` atoms, or with other text after it
+    (only a CXSMILES ``|...|`` block may follow a space) is refused.
+
     Raises:
-        SampleError: with RDKit's own message (parse error, valence problem...).
+        SampleError: with RDKit's own message (parse error, valence problem...), or the limit exceeded.
     """
     Chem = _rdkit()
     from rdkit import rdBase
@@ -102,16 +143,23 @@ def parse_smiles(smiles: str) -> Any:
     text = smiles.strip()
     if not text:
         raise SampleError("empty SMILES")
+    _check_text(text)
     with rdBase.CaptureErrorLog() as capture:
         mol = Chem.MolFromSmiles(text, sanitize=False)
     if mol is None:
         why = _clean_rdkit_message(capture.messages) or "RDKit could not parse it"
-        raise SampleError(f"invalid SMILES {text!r}: {why}")
+        raise SampleError(f"invalid SMILES {_preview(text)}: {why[:_MESSAGE_CHARS]}")
+    _check_no_tail(text)  # after parsing, so a wrong first word still gets RDKit's own reason
+    # Parsing is linear; sanitising, fingerprints and descriptors are not: count first.
+    if mol.GetNumAtoms() > MAX_SMILES_ATOMS:
+        raise SampleError(f"SMILES {_preview(text)} has {mol.GetNumAtoms():,} atoms, over the limit of "
+                          f"{MAX_SMILES_ATOMS:,}")
     try:
         with rdBase.CaptureErrorLog():
             Chem.SanitizeMol(mol)
     except Exception as e:  # Chem.MolSanitizeException and its subclasses (valence, kekulize...)
-        raise SampleError(f"invalid SMILES {text!r}: {_clean_rdkit_message(str(e)) or type(e).__name__}") from None
+        why = _clean_rdkit_message(str(e)) or type(e).__name__
+        raise SampleError(f"invalid SMILES {_preview(text)}: {why[:_MESSAGE_CHARS]}") from None
     return mol
 
 

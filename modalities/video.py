@@ -59,7 +59,8 @@ from torch import nn
 
 from oneencoder.backbones import require
 from oneencoder.errors import ConfigError, SampleError
-from oneencoder.modalities.image import ImageBackboneMixin
+from oneencoder.inputs import tensor_to_numpy
+from oneencoder.modalities.image import ImageBackboneMixin, standard_mode
 from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
 
 DEFAULT_FPS = 8.0  # frame rate assumed for bare frames (the pybullet clips' rate)
@@ -180,7 +181,12 @@ def _decode_file(path: Path, pick: Callable[[int, float], list[int]]) -> VideoCl
 
 def _as_rgb(frame: Any, where: str) -> np.ndarray:
     if isinstance(frame, Image.Image):
-        return np.asarray(frame.convert("RGB"))
+        try:  # standard_mode: closed images, 16-bit grey and premultiplied alpha in one line each
+            return np.asarray(standard_mode(frame, where).convert("RGB"))
+        except (ValueError, OSError) as e:
+            raise SampleError(f"{where}: image mode {frame.mode!r} cannot be converted to RGB ({e})") from None
+    if isinstance(frame, torch.Tensor):
+        frame = tensor_to_numpy(frame, where)
     try:
         arr = np.asarray(frame)
     except (TypeError, ValueError) as e:  # ragged nested lists
@@ -287,7 +293,7 @@ class VideoModality(ImageBackboneMixin, Modality):
             if not fps > 0:
                 raise SampleError(f"frames: frame rate {fps} is not positive")
         if isinstance(source, torch.Tensor):
-            source = source.detach().cpu().numpy()
+            source = tensor_to_numpy(source, "frames")
         if not isinstance(source, (list, tuple, np.ndarray)):
             raise SampleError(f"video input must be a path or a list of frames, got {type(source).__name__}")
         if len(source) == 0:

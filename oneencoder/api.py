@@ -22,6 +22,20 @@ from .zeroshot import Classification, classify
 _PROGRESS_MIN_BATCHES = 8
 
 
+def _reason(where: str, error: Exception) -> str:
+    """One line naming the input: a ``SampleError``'s own text, else the exception's type and first line.
+
+    A modality's loader may fail in ways it did not foresee (a decoder's own error type,
+    ``MemoryError``): that is still this input's problem, as in a cache build.
+    """
+    if isinstance(error, SampleError):
+        text = str(error)
+    else:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = f"cannot read it ({type(error).__name__}{': ' + first if first else ''})"
+    return text if text.startswith(where) else f"{where}: {text}"
+
+
 def _default_id(x: Any, i: int) -> str:
     return str(x) if isinstance(x, (str, os.PathLike)) else str(i)
 
@@ -92,10 +106,12 @@ class OneEncoder:
                     try:
                         prepared.append(m.prepare(x)[1])
                         kept.append(i)
-                    except SampleError as e:
-                        reason = str(e) if str(e).startswith(where) else f"{where}: {e}"
+                    except Exception as e:  # noqa: BLE001 - one bad input is a reject, never an abort
+                        if isinstance(e, OneEncoderError) and not isinstance(e, SampleError):
+                            raise  # a missing dependency or a bad option is the job's problem
+                        reason = _reason(where, e)
                         if on_error is None:
-                            raise SampleError(reason) from None
+                            raise SampleError(reason) from (None if isinstance(e, SampleError) else e)
                         on_error(i, x, reason)
                 if prepared:
                     tokens, mask = m.featurize(backbone, prepared)
@@ -124,7 +140,9 @@ class OneEncoder:
             ``[N, d]`` L2-normalised embeddings on the CPU.
 
         Raises:
-            SampleError: naming the input that could not be read.
+            SampleError: naming the input that could not be read: an unreadable or closed
+                image, an empty (0x0) one, a ``meta`` tensor, an input over a modality's
+                size limit (docs/reliability.md), or any other failure to load it.
         """
         emb, _ = self._embed(modality, inputs, batch_size, progress)
         return emb.numpy().astype(np.float32, copy=False) if numpy else emb

@@ -8,6 +8,8 @@
   ``[H, W, 1]`` depth map, a multi-channel waveform) goes in a list: ``[x]``.
 * :func:`image_from_array` turns an image array into a PIL image: numpy ``HWC`` (or ``HW``)
   uint8, or floats in [0, 1]; torch tensors ``CHW`` as torchvision gives them.
+* :func:`tensor_to_numpy` reads a torch tensor into numpy, or refuses it in one line
+  (a ``meta`` tensor has no values to read).
 * :func:`files_of` lists the files of a modality in a folder, by its ``file_extensions``.
 """
 
@@ -50,6 +52,26 @@ def as_batch(inputs: Any, input_ndim: int | None = None) -> list[Any]:
     return [inputs]
 
 
+def tensor_to_numpy(x: torch.Tensor, where: str) -> np.ndarray:
+    """A tensor's values as a numpy array on the CPU (bfloat16 read as float32, sparse made dense).
+
+    Raises:
+        SampleError: the tensor has no values to read (``meta`` device), or cannot be copied.
+    """
+    if x.is_meta:  # shapes only: .cpu() raises NotImplementedError deep inside torch
+        raise SampleError(f"{where}: a tensor on the 'meta' device has no values; pass a tensor with data")
+    try:
+        t = x.detach()
+        if t.layout != torch.strided:  # sparse and other layouts
+            t = t.to_dense()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
+        return t.cpu().resolve_conj().resolve_neg().numpy()
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        raise SampleError(f"{where}: cannot read this {x.dtype} tensor on {x.device} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def image_from_array(x: np.ndarray | torch.Tensor, where: str = "image array") -> Image.Image:
     """A PIL image from an ``HWC``/``HW`` numpy array or a ``CHW`` tensor.
 
@@ -60,7 +82,7 @@ def image_from_array(x: np.ndarray | torch.Tensor, where: str = "image array") -
         SampleError: the shape, dtype or range is not an image's.
     """
     channels_first = isinstance(x, torch.Tensor)
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    arr = tensor_to_numpy(x, where) if isinstance(x, torch.Tensor) else np.asarray(x)
     if arr.dtype.kind not in "uif":
         raise SampleError(f"{where}: an image array must be numeric, got dtype {arr.dtype}")
     if arr.ndim == 3:

@@ -110,7 +110,7 @@ def model_writer(model_dir: str | Path) -> Iterator[None]:
                 "wait for it to finish or use another --model")
 
     def unwritable(e: OSError) -> str:
-        return f"cannot write the model directory {model_dir}: {e.strerror} ({e.filename}); pick a writable --model"
+        return f"cannot write {model_dir}: {e.strerror} ({e.filename}); pick a writable --model"
 
     with cache_lock(path, busy=busy, unwritable=unwritable):
         _HELD.add(path)
