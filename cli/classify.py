@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,6 +12,7 @@ from oneencoder.errors import OneEncoderError
 from oneencoder.metrics import format_number
 
 from ._common import echo, quiet_libraries, user_errors
+from .search import strict_json
 
 
 def _labels(labels: Optional[str], labels_file: Optional[Path]) -> list[str]:
@@ -49,9 +49,8 @@ def classify(
     m = oneencoder.load(model, device=device)
     result = m.classify(modality, list(inputs), names, template=template if len(template) > 1 else template[0], k=k)
     if as_json:
-        echo(json.dumps({"modality": modality, "labels": result.labels, "template": template,
-                         "results": [{"input": x, "top": top}
-                                     for x, top in zip(inputs, result.to_json())]}, ensure_ascii=False))
+        echo(strict_json({"modality": modality, "labels": result.labels, "template": template,
+                          "results": [{"input": x, "top": top} for x, top in zip(inputs, result.to_json())]}))
         return
     for x, top in zip(inputs, result.top):
         echo(x)

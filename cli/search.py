@@ -31,8 +31,32 @@ def query_of(m: OneEncoder, text: Optional[str], file: Optional[Path], smiles: O
         return "molecule", smiles, smiles
     if not file.is_file():
         raise OneEncoderError(f"--file {file}: no such file")
+    if as_modality is not None:
+        readers = file_modalities(m)
+        if as_modality not in readers:  # else `--as text` would embed the file's path as a text
+            raise OneEncoderError(f"--as {as_modality}: not a modality of this model that reads files "
+                                  f"(it has {', '.join(readers) or 'none'})")
     modality = as_modality or modality_of_file(file, m.modalities)
     return modality, str(file), str(file)
+
+
+def file_modalities(m: OneEncoder) -> list[str]:
+    """The model's modalities whose inputs are files (what ``--as`` may name)."""
+    from oneencoder.modality import MODALITIES
+
+    return [name for name in m.modalities if MODALITIES.get(name).spec.reads_files]
+
+
+def strict_json(payload: Any) -> str:
+    """``payload`` as one line of strict JSON: never NaN or Infinity (``allow_nan=False``: indexes
+    refuse them when built and loaded, so this only guards), and ``\\u`` escapes only where
+    UTF-8 cannot hold a string (a lone surrogate)."""
+    text = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(payload, allow_nan=False)
+    return text
 
 
 def open_indexes(m: OneEncoder, paths: List[Path]) -> list[VectorIndex]:
@@ -78,14 +102,15 @@ def search(
     query = m.encode(modality, [value])
     results = [(path, ix, ix.search(query, k).hits[0]) for path, ix in zip(index, indexes)]
     if as_json:
-        echo(json.dumps({"query": {"modality": modality, "input": shown}, "model": str(m.model_dir),
-                         "results": [{"index": str(path), "modality": ix.modality, "kind": ix.kind, "count": len(ix),
-                                      "hits": hits}
-                                     for path, ix, hits in results]}, ensure_ascii=False))
+        echo(strict_json({"query": {"modality": modality, "input": shown}, "model": str(m.model_dir),
+                          "results": [{"index": str(path), "modality": ix.modality, "kind": ix.kind,
+                                       "count": len(ix), "hits": hits} for path, ix, hits in results]}))
         return
     echo(f"{modality} query: {shown}")
     for path, ix, hits in results:
         echo(f"{path} ({ix.modality}, {len(ix)} vectors, {ix.kind}):")
-        for h in hits:
-            shown_input = h.get("caption") or h.get("input") or ""
-            echo(f"  {h['rank']:3d}. {format_number(h['score'], signed=True)}  {h['id']}" + (f"  {shown_input}" if shown_input != h["id"] else ""))
+        for h in hits:  # rank, score and id are the index's own; the user's fields are under "item"
+            item = h["item"]
+            shown_input = str(item.get("caption") or item.get("input") or "")
+            echo(f"  {h['rank']:3d}. {format_number(h['score'], signed=True)}  {h['id']}"
+                 + (f"  {shown_input}" if shown_input != h["id"] else ""))

@@ -20,6 +20,10 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port)."),
     k: int = typer.Option(8, "--k", "-k", min=1, max=100, help="Results shown per index."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    workers: int = typer.Option(2, "--workers", min=1, max=64,
+                                help="Processes that decode queries and draw molecules (queries read at once)."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.1,
+                                  help="Seconds one query may take to decode before it is stopped (a 400)."),
 ) -> None:
     """Serve one page: type text, upload an image or a sound, or paste SMILES; see every index's top k.
 
@@ -28,7 +32,7 @@ def serve(
     quiet_libraries()
     from oneencoder.serve import create_app, run
 
-    app = create_app(model, index, k=k, device=device)
+    app = create_app(model, index, k=k, device=device, workers=workers, timeout=timeout)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: serving on {host}: anyone who can reach this address can query the model", err=True)
     try:

@@ -14,6 +14,7 @@ On disk (no pickle anywhere)::
       index.json           format, modality, kind and ANN settings, the model's space, sha256 per file
       vectors.safetensors  "vectors": [N, d] float32, unit norm
       items.jsonl          one row per vector: id, input (path, text, SMILES) and display fields
+                           (finite numbers only: JSON has no NaN or Infinity)
       ann.faiss            kind "ivf" only: faiss's own binary format
 
 The model's *space* (the sha256 of its projection, of this modality's adapter and of its
@@ -51,6 +52,9 @@ _TUNE_MARGIN = 0.01  # the sampling error of recall on 512 queries; tuning aims 
 _TRAIN_PER_LIST = 48  # k-means training vectors per list (faiss wants 39 to 256)
 #: ANN candidates per result re-ranked on the exact vectors (codes only shortlist).
 REFINE = 20
+#: Fewest vectors of an IVF index: half of them train k-means, and each 4-bit product
+#: quantizer needs at least 16 training points; an index this small is searched faster exactly.
+IVF_MIN_VECTORS = 64
 _SCORE_BLOCK = 1 << 24  # scores held at once by exact search: 64 MB of float32
 
 
@@ -101,6 +105,35 @@ def exact_topk(queries: torch.Tensor, vectors: torch.Tensor, k: int) -> tuple[to
     return best_s, best_i
 
 
+# ----- strict JSON: items and index.json never hold NaN or Infinity ----------------------------
+
+
+def _finite_float(text: str) -> float:
+    """``json.loads``'s float parser that refuses what JSON cannot hold (``1e999`` reads as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    """``json.loads``'s hook for ``NaN``, ``Infinity`` and ``-Infinity``: refuse them."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def strict_json_loads(text: str) -> Any:
+    """``json.loads`` without NaN, Infinity or out-of-range numbers (``ValueError``, ``RecursionError``)."""
+    return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+
+
+def non_finite_field(item: dict[str, Any]) -> str | None:
+    """The first field of ``item`` holding NaN or an infinity (None if all are finite)."""
+    for key, value in item.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(key)
+    return None
+
+
 # ----- faiss IVF ---------------------------------------------------------------------------
 
 
@@ -141,16 +174,31 @@ def build_ann(vectors: np.ndarray, nlist: int, seed: int = 0, held_out: np.ndarr
     """
     faiss = _faiss()
     n, d = vectors.shape
+    if n < IVF_MIN_VECTORS:
+        raise OneEncoderError(f"an IVF index needs at least {IVF_MIN_VECTORS} vectors, got {n}; use kind "
+                              "'exact' (or 'auto', exact up to 100,000 vectors), which is also faster at this size")
+    pool = np.setdiff1d(np.arange(n), held_out) if held_out is not None and len(held_out) < n else np.arange(n)
+    if not isinstance(nlist, (int, np.integer)) or not 1 <= nlist <= len(pool):
+        raise OneEncoderError(f"nlist={nlist!r}: an IVF index of {n} vectors takes 1 to {len(pool)} lists "
+                              f"(its k-means trains on {len(pool)} of them)")
     ann = faiss.index_factory(d, f"IVF{nlist},PQ{d // pq_width(d)}x4fs", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(ann)
     ivf.cp.spherical = True  # centroids on the unit sphere, as the vectors are
     ivf.cp.niter = 10
     ivf.cp.seed = seed
-    pool = np.setdiff1d(np.arange(n), held_out) if held_out is not None and len(held_out) < n else np.arange(n)
     sample = np.sort(np.random.default_rng(seed).choice(pool, min(len(pool), _TRAIN_PER_LIST * nlist), replace=False))
-    ann.train(np.ascontiguousarray(vectors[sample]))
-    ann.add(vectors)
+    try:
+        ann.train(np.ascontiguousarray(vectors[sample]))
+        ann.add(vectors)
+    except RuntimeError as e:  # faiss's C++ checks: one line, not its stack of source positions
+        raise OneEncoderError(f"faiss could not build the IVF index: {_faiss_reason(e)}") from None
     return ann
+
+
+def _faiss_reason(e: Exception) -> str:
+    """The last clause of a faiss error (``Error in ... at File.cpp:66: Error: 'nx >= k'`` -> ``'nx >= k'``)."""
+    text = " ".join(str(e).split())
+    return text.rsplit("Error: ", 1)[-1][:200]
 
 
 def ann_search(ann: Any, vectors: np.ndarray, queries: np.ndarray, k: int, nprobe: int,
@@ -226,7 +274,10 @@ class SearchResult:
     Attributes:
         scores: ``[Q, k]`` cosine similarities, best first.
         rows: ``[Q, k]`` rows of the index.
-        hits: Per query, ``{"rank", "score", "row", "id", ...}`` (the item's fields), best first.
+        hits: Per query, best first: ``{"rank", "score", "row", "id", "item"}``. ``rank`` (from 1),
+            ``score`` (the cosine), ``row`` and ``id`` are the index's own; ``item`` is a copy of
+            the indexed item (``id``, ``input`` and the manifest's display fields), so a user
+            column named ``score`` or ``rank`` never stands in for the real one.
     """
 
     scores: np.ndarray
@@ -259,13 +310,17 @@ class VectorIndex:
             raise OneEncoderError(f"index: {len(items)} items for {vectors.shape[0]} vectors")
         if kind not in KINDS:
             raise OneEncoderError(f"index kind {kind!r}: use one of {', '.join(KINDS)}")
+        if not np.isfinite(vectors.sum()) and not np.isfinite(vectors).all():  # the sum is the cheap check
+            bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+            raise OneEncoderError(f"index vector of row {bad} holds NaN or infinite values")
+        if any(not isinstance(it, dict) or "id" not in it for it in items):
+            bad = next(i for i, it in enumerate(items) if not isinstance(it, dict) or "id" not in it)
+            raise OneEncoderError(f"index item {bad} must be a dict with an 'id', got {str(items[bad])[:80]}")
         self.vectors, self.items, self.modality, self.space = vectors, list(items), modality, dict(space)
         self.extra = dict(extra or {})
         self.kind = kind if kind != "auto" else ("exact" if len(vectors) <= EXACT_LIMIT else "ivf")
         self.ann, self.ann_info = _ann, dict(_ann_info or {})
         if self.kind == "ivf" and self.ann is None:
-            if len(vectors) < 2:
-                raise OneEncoderError(f"an IVF index needs at least 2 vectors, got {len(vectors)}")
             nlist = nlist or default_nlist(len(vectors))
             own = tuning_rows(len(vectors))
             self.ann = build_ann(vectors, nlist, held_out=own)
@@ -309,7 +364,10 @@ class VectorIndex:
         else:
             scores, rows = ann_search(self.ann, self.vectors, q.numpy(), k, nprobe or self.ann_info["nprobe"],
                                       int(self.ann_info.get("refine", REFINE)))
-        hits = [[{"rank": rank, "score": float(s), "row": int(r), **self.items[r]}
+        # The index's own fields first and the user's apart, under "item": a manifest column
+        # named "score" or "rank" cannot replace the real value.
+        hits = [[{"rank": rank, "score": float(s), "row": int(r), "id": str(self.items[r]["id"]),
+                  "item": dict(self.items[r])}
                  for rank, (s, r) in enumerate(zip(srow, rrow), 1) if r >= 0]
                 for srow, rrow in zip(scores.tolist(), rows.tolist())]
         return SearchResult(np.asarray(scores, dtype=np.float32), np.asarray(rows, dtype=np.int64), hits)
@@ -339,15 +397,21 @@ class VectorIndex:
                 **{k: v for k, v in self.extra.items() if k != "path"}}
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write the index to ``out_dir`` (each file atomically; ``index.json`` last)."""
+        """Write the index to ``out_dir`` (each file atomically; ``index.json`` last).
+
+        Raises:
+            OneEncoderError: ``out_dir`` is a file (or lies under one), or an item holds a
+                value JSON cannot write (NaN, an infinity), named by its row and field.
+        """
         from safetensors.numpy import save_file
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        lines = "".join(_item_line(it, row) for row, it in enumerate(self.items))  # before touching the folder
+        make_index_dir(out)
         (out / META).unlink(missing_ok=True)  # an interrupted overwrite then reads as no index, not a stale one
         with atomic_path(out / VECTORS) as tmp:
             save_file({"vectors": self.vectors}, str(tmp), metadata={"format": "oneencoder-index"})
-        write_text_atomic(out / ITEMS, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in self.items))
+        write_text_atomic(out / ITEMS, lines)
         files = [VECTORS, ITEMS]
         if self.ann is not None:
             with atomic_path(out / ANN_FILE) as tmp:
@@ -367,15 +431,30 @@ class VectorIndex:
         index_dir = Path(index_dir)
         meta = read_index_meta(index_dir)
         for name, expected in meta["files"].items():
+            if name not in (VECTORS, ITEMS, ANN_FILE):  # a name from the file: never a path elsewhere
+                raise OneEncoderError(f"{index_dir / META}: lists an unknown file {name[:80]!r}; rebuild the index")
             path = index_dir / name
             if not path.is_file():
                 raise ChecksumError(f"{path} is missing from the index; rebuild it with `oneencoder index build`")
             if verify and sha256_file(path) != expected:
                 raise ChecksumError(f"{path}: sha256 does not match {META}; the file was modified or corrupted, "
                                     "rebuild the index")
-        vectors = load_file(str(index_dir / VECTORS))["vectors"]
-        items = [json.loads(line) for line in (index_dir / ITEMS).read_text(encoding="utf-8").splitlines() if line]
-        ann = _faiss().read_index(str(index_dir / ANN_FILE)) if meta["kind"] == "ivf" else None
+        try:
+            vectors = load_file(str(index_dir / VECTORS))["vectors"]
+        except Exception as e:  # safetensors raises its own types for a damaged header
+            raise ChecksumError(f"{index_dir / VECTORS}: not a readable safetensors file ({type(e).__name__}); "
+                                "rebuild the index") from None
+        items = _read_items(index_dir / ITEMS)
+        if vectors.ndim != 2 or len(vectors) != meta["count"] or len(items) != meta["count"]:
+            raise OneEncoderError(f"{index_dir}: {META} says {meta['count']} vectors, the files hold "
+                                  f"{len(vectors)} vectors and {len(items)} items; rebuild the index")
+        ann = None
+        if meta["kind"] == "ivf":
+            try:
+                ann = _faiss().read_index(str(index_dir / ANN_FILE))
+            except RuntimeError as e:
+                raise ChecksumError(f"{index_dir / ANN_FILE}: faiss cannot read it ({_faiss_reason(e)}); "
+                                    "rebuild the index") from None
         extra = {k: v for k, v in meta.items()
                  if k not in ("format_version", "modality", "count", "dim", "kind", "ann", "space", "files")}
         return cls(vectors, items, meta["modality"], meta["space"], kind=meta["kind"],
@@ -388,12 +467,85 @@ def read_index_meta(index_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise OneEncoderError(f"{index_dir} is not an index (no {META}); build one with `oneencoder index build`")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = strict_json_loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise OneEncoderError(f"{path}: corrupt JSON ({e.msg})") from None
-    if meta.get("format_version") != INDEX_FORMAT:
-        raise OneEncoderError(f"{path}: index format {meta.get('format_version')} is not supported (need {INDEX_FORMAT})")
+    except (ValueError, RecursionError) as e:  # NaN, 1e999, nesting deeper than Python's stack, not UTF-8
+        raise OneEncoderError(f"{path}: unreadable JSON ({type(e).__name__}: {str(e)[:100]})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != INDEX_FORMAT:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise OneEncoderError(f"{path}: index format {str(version)[:40]} is not supported (need {INDEX_FORMAT})")
+    _check_meta(path, meta)
     return meta
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """One line for an ``index.json`` whose fields were edited into something no build writes."""
+    def bad(what: str) -> OneEncoderError:
+        return OneEncoderError(f"{path}: {what}; the file was edited or damaged, rebuild the index "
+                               "with `oneencoder index build`")
+
+    kind, files, ann = meta.get("kind"), meta.get("files"), meta.get("ann")
+    if kind not in ("exact", "ivf"):
+        raise bad(f"kind {str(kind)[:40]!r} is not 'exact' or 'ivf'")
+    if not isinstance(meta.get("modality"), str) or not isinstance(meta.get("space"), dict):
+        raise bad("its modality or space is missing")
+    if not isinstance(meta.get("count"), int) or isinstance(meta.get("count"), bool) or meta["count"] < 0:
+        raise bad(f"count {str(meta.get('count'))[:40]} is not a number of vectors")
+    if not isinstance(files, dict) or not {VECTORS, ITEMS} <= set(files) \
+            or not all(isinstance(v, str) for v in files.values()):
+        raise bad(f"its files do not list {VECTORS} and {ITEMS} with their sha256")
+    if kind == "ivf":
+        settings = [ann.get("nprobe"), ann.get("refine", REFINE)] if isinstance(ann, dict) else [None]
+        if ANN_FILE not in files or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                            for v in settings):
+            raise bad(f"kind 'ivf' needs {ANN_FILE} and its ann settings (nprobe, refine), which it does not record")
+
+
+def make_index_dir(out: Path) -> None:
+    """Create the index folder ``out``; one line if it is a file or lies under one."""
+    if out.exists() and not out.is_dir():
+        raise OneEncoderError(f"{out} is a file, not an index folder; choose another output folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file on the way: a/file.txt/ix
+        raise OneEncoderError(f"{out}: a part of the path is a file, not a folder; "
+                              "choose another output folder") from None
+
+
+def _item_line(item: dict[str, Any], row: int) -> str:
+    """One ``items.jsonl`` line; an item JSON cannot hold (NaN, an infinity) is one line naming it."""
+    where = f"index item {str(item.get('id'))[:80]!r} (row {row})"
+    try:
+        line = json.dumps(item, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # NaN or an infinity
+        field = non_finite_field(item) or "?"
+        raise OneEncoderError(f"{where}: field {field!r} is {item.get(field)}, which JSON cannot hold; "
+                              "use a finite number or none") from None
+    except TypeError as e:  # a numpy number, bytes, an object
+        raise OneEncoderError(f"{where}: {e}; items hold strings, numbers, booleans, lists and dicts") from None
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: \\u escapes keep it, as the cache's JSONL does
+        line = json.dumps(item, allow_nan=False)
+    return line + "\n"
+
+
+def _read_items(path: Path) -> list[dict[str, Any]]:
+    """``items.jsonl``, strictly: a line with NaN, Infinity or no ``id`` is one line naming it."""
+    items = []
+    # "\n" only: splitlines() would also cut at U+2028 or U+0085 inside a caption.
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line:
+            continue
+        try:
+            item = strict_json_loads(line)
+        except (ValueError, RecursionError) as e:
+            raise OneEncoderError(f"{path}:{lineno}: not a JSON item ({str(e)[:100]}); rebuild the index") from None
+        if not isinstance(item, dict) or "id" not in item:
+            raise OneEncoderError(f"{path}:{lineno}: not an item with an id; rebuild the index")
+        items.append(item)
+    return items
 
 
 def load_index(index_dir: str | Path, verify: bool = True) -> VectorIndex:

@@ -3,27 +3,34 @@
 ``oneencoder index build`` runs :func:`build_index`. The inputs are encoded in chunks of
 ``chunk`` samples; each finished chunk is written under ``<out>/.build/`` (vectors, items,
 rejects), so an interrupted build resumes at the first unfinished chunk. A sample that
-cannot be read goes to ``<out>/rejects.jsonl`` with its reason and the build goes on.
+cannot be read goes to ``<out>/rejects.jsonl`` with its reason and the build goes on; so
+does a manifest row whose display field holds NaN or an infinity (JSON cannot write them,
+and ``search --json`` must stay valid JSON).
+
+``--out`` must be a new or empty folder, or one this command wrote (an index, or an
+interrupted build): the build removes only its own ``.build`` work folder inside it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+
 from .progress import progress_bar
 
 from .errors import OneEncoderError
 from .fileio import atomic_path, sha256_text, write_json_atomic, write_jsonl_atomic
-from .index import KINDS, META, VectorIndex, model_space
+from .index import IVF_MIN_VECTORS, KINDS, META, VectorIndex, make_index_dir, model_space, non_finite_field
 from .inputs import files_of
 from .manifest import read_manifest
 from .modality import MODALITIES
+from .names import path_inside, remove_tree_inside
 
 if TYPE_CHECKING:
     from .api import OneEncoder
@@ -116,13 +123,17 @@ def build_index(model: "OneEncoder", modality: str, sources: list[dict[str, Any]
     out = Path(out)
     if kind not in KINDS:
         raise OneEncoderError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "ivf" and len(sources) < IVF_MIN_VECTORS:  # before encoding anything
+        raise OneEncoderError(f"--kind ivf needs at least {IVF_MIN_VECTORS} inputs, got {len(sources)}; "
+                              "use --kind exact (or auto), which is also faster at this size")
+    _check_out(out)
     if (out / META).exists() and not overwrite:
         raise OneEncoderError(f"{out} already holds an index; pass --overwrite to replace it")
     space = model_space(model.meta, modality)
-    work = out / _WORK
+    work = path_inside(out, _WORK)
     state = {"modality": modality, "space": space, "data": _data_hash(sources), "chunk": chunk}
     if work.exists() and (not resume or _read_json(work / "state.json") != state):
-        shutil.rmtree(work)  # another model, other data, or --no-resume: start over
+        remove_tree_inside(out, _WORK)  # another model, other data, or --no-resume: start over
     write_json_atomic(work / "state.json", state)
 
     parts = range(0, len(sources), chunk)
@@ -137,6 +148,9 @@ def build_index(model: "OneEncoder", modality: str, sources: list[dict[str, Any]
             bar.update(min(chunk, len(sources) - start))
 
     vectors, items, rejects = _read_parts(work, parts)
+    if kind == "ivf" and 0 < len(items) < IVF_MIN_VECTORS:
+        raise OneEncoderError(f"--kind ivf needs at least {IVF_MIN_VECTORS} vectors, but only {len(items)} "
+                              f"inputs could be encoded ({len(rejects)} rejected, see the reasons with --kind exact)")
     if not items:
         raise OneEncoderError(f"no {modality} input could be encoded ({len(rejects)} rejected; first: "
                               f"{rejects[0]['reason'] if rejects else 'none'})")
@@ -145,7 +159,7 @@ def build_index(model: "OneEncoder", modality: str, sources: list[dict[str, Any]
     index = VectorIndex(vectors, items, modality, space, kind=kind, extra=info)
     index.save(out)
     write_jsonl_atomic(out / REJECTS, rejects)
-    shutil.rmtree(work)
+    remove_tree_inside(out, _WORK)
     return BuildReport(out, modality, len(index), index.kind, rejects, resumed=resumed)
 
 
@@ -154,12 +168,26 @@ def _encode_part(model: "OneEncoder", modality: str, sources: list[dict[str, Any
     """Encode one chunk and write it; its items file, written last, marks it finished."""
     from safetensors.numpy import save_file
 
-    rejects: list[dict[str, Any]] = []
+    found: list[tuple[int, dict[str, Any]]] = []  # (position in the chunk, reject), sorted below
 
-    def reject(i: int, _x: Any, reason: str) -> None:
-        rejects.append({"id": sources[i]["id"], "input": str(sources[i]["input"]), "reason": reason})
+    def reject(i: int, reason: str) -> None:
+        found.append((i, {"id": sources[i]["id"], "input": str(sources[i]["input"]), "reason": reason}))
 
-    emb, kept = model._embed(modality, [s["input"] for s in sources], batch_size, False, on_error=reject)
+    # A display field JSON cannot hold (NaN, an infinity: json.loads reads them, and 1e999
+    # as inf) is the row's problem: a reject naming the field, before any encoding.
+    clean = []
+    for i, s in enumerate(sources):
+        bad = non_finite_field(s)
+        if bad is None:
+            clean.append(i)
+        else:
+            reject(i, f"field {bad!r} is {s[bad]}, which JSON cannot hold; use a finite number or leave it out")
+    emb, kept = torch.empty(0, model.model.embed_dim), []
+    if clean:
+        emb, kept = model._embed(modality, [sources[i]["input"] for i in clean], batch_size, False,
+                                 on_error=lambda j, _x, reason: reject(clean[j], reason))
+    kept = [clean[j] for j in kept]
+    rejects = [r for _, r in sorted(found, key=lambda pair: pair[0])]
     # Positions inside the chunk are replaced by the sample's id in every reason.
     for r in rejects:
         r["reason"] = r["reason"].split(": ", 1)[-1] if r["reason"].startswith(f"{modality} input #") else r["reason"]
@@ -183,6 +211,21 @@ def _read_parts(work: Path, parts: range) -> tuple[np.ndarray, list[dict[str, An
     return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), items, rejects
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder this command may write into: new, empty, or one it wrote.
+
+    A file is refused, and so is a folder of other files: the build writes fixed names
+    (``vectors.safetensors``, ``ann.faiss``...) and removes its ``.build`` folder there.
+    """
+    make_index_dir(out)
+    work = out / _WORK
+    if work.is_symlink() or (work.exists() and not (work / "state.json").is_file()):
+        raise OneEncoderError(f"{work} is not an interrupted index build (no state.json); move it away or "
+                              "choose another --out")
+    if not (out / META).exists() and not work.exists() and any(out.iterdir()):
+        raise OneEncoderError(f"--out {out} is a folder of other files, not an index; choose a new or empty folder")
+
+
 def _read_lines(path: Path) -> list[str]:
     """Non-blank lines, stripped; a line that is not UTF-8 is one error naming it."""
     lines = []
@@ -197,7 +240,8 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # "\n" only: splitlines() would also cut at U+2028 or U+0085 inside a caption.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _read_json(path: Path) -> Any:

@@ -69,7 +69,8 @@ def test_ivf_index_reaches_its_recall_and_round_trips_without_pickle(tmp_path: P
     assert recall >= 0.9, recall
     assert (np.diff(found.scores, axis=1) <= 1e-6).all()  # best first
     assert found.hits[0][0] == {"rank": 1, "score": pytest.approx(float(found.scores[0, 0])),
-                                "row": int(found.rows[0, 0]), "id": f"v{found.rows[0, 0]}"}
+                                "row": int(found.rows[0, 0]), "id": f"v{found.rows[0, 0]}",
+                                "item": {"id": f"v{found.rows[0, 0]}"}}
 
     ivf.save(tmp_path / "ix")
     names = sorted(p.name for p in (tmp_path / "ix").iterdir())
@@ -111,10 +112,10 @@ def test_model_index_finds_each_image_first_and_refuses_another_model(model, sma
     idx = model.index("image", paths)
     assert len(idx) == 8 and idx.kind == "exact" and idx.ids == paths
     result = idx.search(model.encode("image", paths[:2]), k=3)
-    assert [hits[0]["input"] for hits in result.hits] == paths[:2]  # each image is its own nearest neighbour
+    assert [hits[0]["item"]["input"] for hits in result.hits] == paths[:2]  # each image is its own nearest neighbour
     assert np.allclose(result.scores[:, 0], 1.0, atol=1e-4)
     text_hits = idx.search(model.encode("text", [small_records[0]["caption"]]), k=8).hits[0]
-    assert sorted(h["input"] for h in text_hits) == sorted(paths)  # any modality queries it
+    assert sorted(h["item"]["input"] for h in text_hits) == sorted(paths)  # any modality queries it
 
     idx.save(tmp_path / "ix")
     load_index(tmp_path / "ix").check_model(model.meta, model.model_dir)
