@@ -31,18 +31,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from oneencoder.cache import build_cache  # noqa: E402
-from oneencoder.config import StageConfig, load_stage  # noqa: E402
-from oneencoder.curriculum import RandomBatchSampler  # noqa: E402
-from oneencoder.datasets.tuxpaint import tuxpaint_records  # noqa: E402
-from oneencoder.losses import ContrastiveLoss  # noqa: E402
-from oneencoder.checkpoint import modality_meta  # noqa: E402
-from oneencoder.model import OneEncoderModel, build_model  # noqa: E402
+from oneencoder.data.sources.tuxpaint import tuxpaint_records  # noqa: E402
+from oneencoder.features.cache import build_cache  # noqa: E402
 from oneencoder.modality import Modality, create_stage_modalities  # noqa: E402
-from oneencoder.objective import PairObjective  # noqa: E402
-from oneencoder.pairs import PairSplit, load_pair_split  # noqa: E402
+from oneencoder.model.checkpoint import modality_meta  # noqa: E402
+from oneencoder.model.losses import ContrastiveLoss  # noqa: E402
+from oneencoder.model.parts import OneEncoderModel, build_model  # noqa: E402
 from oneencoder.runtime import seed_everything  # noqa: E402
-from oneencoder.train import Trainer  # noqa: E402
+from oneencoder.training.config import StageConfig, load_stage  # noqa: E402
+from oneencoder.training.curriculum import RandomBatchSampler  # noqa: E402
+from oneencoder.training.objective import PairObjective  # noqa: E402
+from oneencoder.training.pairs import PairSplit, load_pair_split  # noqa: E402
+from oneencoder.training.trainer import Trainer  # noqa: E402
 
 from _machine import OtherLoad, load_note as _load_note  # noqa: E402  (benchmarks/ is on sys.path)
 

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from oneencoder.metrics import chance_metrics, retrieval_metrics
+from oneencoder.evaluation.metrics import chance_metrics, retrieval_metrics
 
 EXACT_KEYS = ("R@1", "R@5", "R@10", "mAP", "NDCG@10", "R-Precision", "MRR")
 

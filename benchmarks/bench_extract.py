@@ -34,11 +34,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from oneencoder.cache import build_cache  # noqa: E402
-from oneencoder.config import load_stage  # noqa: E402
-from oneencoder.datasets.tuxpaint import tuxpaint_records  # noqa: E402
+from oneencoder.data.sources.tuxpaint import tuxpaint_records  # noqa: E402
+from oneencoder.features.cache import build_cache  # noqa: E402
+from oneencoder.features.workers import default_workers  # noqa: E402
 from oneencoder.modality import Modality, create_stage_modalities  # noqa: E402
-from oneencoder.workers import default_workers  # noqa: E402
+from oneencoder.training.config import load_stage  # noqa: E402
 
 from _machine import OtherLoad, load_note, wait_for_quiet  # noqa: E402  (benchmarks/ is on sys.path)
 

@@ -35,15 +35,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from oneencoder.bank import FeatureBank
-from oneencoder.config import StageConfig, load_stage
-from oneencoder.curriculum import RandomBatchSampler
-from oneencoder.evaluate import retrieval_between
-from oneencoder.model import OneEncoderModel, build_model
-from oneencoder.objective import PairObjective, stage_loss
-from oneencoder.pairs import PairSplit
+from oneencoder.evaluation.retrieval import retrieval_between
+from oneencoder.features.bank import FeatureBank
+from oneencoder.model.parts import OneEncoderModel, build_model
 from oneencoder.runtime import seed_everything
-from oneencoder.train import Trainer
+from oneencoder.training.config import StageConfig, load_stage
+from oneencoder.training.curriculum import RandomBatchSampler
+from oneencoder.training.objective import PairObjective, stage_loss
+from oneencoder.training.pairs import PairSplit
+from oneencoder.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cache import OtherLoad, _load_note  # noqa: E402

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import OtherLoad, load_note  # noqa: E402
 
-from oneencoder.index import VectorIndex, exact_topk, load_index  # noqa: E402
+from oneencoder.apps.index import VectorIndex, exact_topk, load_index  # noqa: E402
 
 
 class Synthetic:

@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from oneencoder.bank import FeatureBank
-from oneencoder.config import load_stage
-from oneencoder.curriculum.samplers import RandomBatchSampler
-from oneencoder.model import build_model
-from oneencoder.objective import PairObjective, stage_loss
-from oneencoder.pairs import PairSplit
-from oneencoder.train import Trainer
+from oneencoder.features.bank import FeatureBank
+from oneencoder.model.parts import build_model
+from oneencoder.training.config import load_stage
+from oneencoder.training.curriculum.samplers import RandomBatchSampler
+from oneencoder.training.objective import PairObjective, stage_loss
+from oneencoder.training.pairs import PairSplit
+from oneencoder.training.trainer import Trainer
 
 # Widths of the shipped backbones (EfficientNet-Lite0 + ImageNet label semantics; MiniLM).
 SHAPES = {"pooled": {"image": (1664, 1, (1280, 1664)), "text": (384, 1, (0, 384))},
@@ -129,7 +129,7 @@ def roofline(batch: int, steps: int, device: torch.device) -> list[dict]:
 
 def _worker(args: argparse.Namespace) -> None:
     """One process's share under torchrun (or alone): steps/s at the given per-process batch."""
-    from oneencoder import distributed as ddp
+    from oneencoder.training import distributed as ddp
 
     ddp.init_distributed(torch.device("cpu"))
     sps = steps_per_second(args.kind, args.batch // ddp.world_size(), args.steps, None, torch.device("cpu"))

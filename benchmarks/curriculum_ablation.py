@@ -56,8 +56,8 @@ def run_arm(args: tuple[str, dict, int, str, int, str, str]) -> dict:
     import torch
 
     torch.set_num_threads(1)  # two workers share two cores
-    from oneencoder.config import parse_stage
-    from oneencoder.stage import run_stage
+    from oneencoder.training.config import parse_stage
+    from oneencoder.training.stage import run_stage
 
     raw = tomllib.loads(Path(stage_path).read_text())
     raw = _merge(raw, {"loss": {"name": "infonce", "beta": 0.0, "max_margin": 0.0},
@@ -141,9 +141,9 @@ def main() -> None:
     arms = {a: ARMS[a] for a in args.arms.split(",")}
     jobs = [(a, o, s, args.stage, args.epochs, args.data, args.out) for a, o in arms.items() for s in range(args.seeds)]
     # The difficulty table is computed once (stored next to the cache) before workers start.
-    from oneencoder.config import load_stage
-    from oneencoder.manifest import read_manifest
-    from oneencoder.pairs import stage_difficulty
+    from oneencoder.training.config import load_stage
+    from oneencoder.data.manifest import read_manifest
+    from oneencoder.training.pairs import stage_difficulty
 
     config = load_stage(args.stage, {"data": {"manifest": f"{args.data}/manifest.jsonl", "cache_dir": f"{args.data}/cache"}})
     stage_difficulty(config, read_manifest(config.data.manifest))

@@ -9,7 +9,7 @@ command runs again, to completion, and the result is compared byte for byte with
 uninterrupted run: weights files, the cache's measurements and inputs, rejects, the metric
 log, and ``oneencoder.json`` without its wall-clock entries. The cache's features are
 compared to within fp16 rounding: a resumed build batches the samples it still lacks
-differently, and a backbone's last bit can depend on its batch (``oneencoder/rounding.py``).
+differently, and a backbone's last bit can depend on its batch (``oneencoder/features/rounding.py``).
 
 ``tests/test_faults.py`` runs a few kills of each kind; this script runs them all:
 
@@ -35,7 +35,7 @@ from typing import Callable, Union
 
 import numpy as np
 
-from oneencoder.rounding import same_features
+from oneencoder.features.rounding import same_features
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,7 +149,7 @@ class FeaturesToRounding:
     """One modality's cached features, equal to another's when every entry is within fp16 rounding.
 
     A resumed build encodes the samples it still lacks in other batches than an uninterrupted
-    build, and a backbone's last bits can depend on the batch (``oneencoder/rounding.py``).
+    build, and a backbone's last bits can depend on the batch (``oneencoder/features/rounding.py``).
     """
 
     def __init__(self, features: dict[str, np.ndarray]) -> None:
@@ -203,7 +203,7 @@ class Tally:
 def make_data(out: Path, per_split: dict[str, int], with_sound: bool = False, name: str = "manifest.jsonl") -> Path:
     """A manifest of real Tux Paint stamps: the first ``per_split[split]`` captioned ones (with a sound) of each split."""
     sys.path.insert(0, str(REPO))
-    from oneencoder.datasets.tuxpaint import tuxpaint_records
+    from oneencoder.data.sources.tuxpaint import tuxpaint_records
     from oneencoder.fileio import write_jsonl_atomic
 
     taken = {s: 0 for s in per_split}

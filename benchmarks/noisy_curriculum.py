@@ -57,11 +57,11 @@ OPENCLIPART_ARMS = ("random", "random+hnnce", "trust", "select30", "select50")  
 
 def prepare_regime(regime: str, demo: Path, openclipart: Path, root: Path) -> Path:
     """Folder with the regime's ``manifest.jsonl`` and ``cache/`` (built once, then reused)."""
-    from oneencoder.cache import build_cache
-    from oneencoder.config import load_stage
-    from oneencoder.datasets.corrupt import CORRUPTED_FIELD, corrupt_manifest
-    from oneencoder.manifest import read_manifest, write_manifest
-    from oneencoder.pairs import stage_modalities
+    from oneencoder.features.cache import build_cache
+    from oneencoder.training.config import load_stage
+    from oneencoder.data.sources.corrupt import CORRUPTED_FIELD, corrupt_manifest
+    from oneencoder.data.manifest import read_manifest, write_manifest
+    from oneencoder.training.pairs import stage_modalities
 
     fraction = REGIMES[regime]
     if fraction is None:
@@ -91,7 +91,7 @@ def prepare_regime(regime: str, demo: Path, openclipart: Path, root: Path) -> Pa
 def roc_auc(score: list[float], label: list[bool]) -> float:
     """P(a random positive scores above a random negative), ties counted half (Mann-Whitney)."""
     import numpy as np
-    from oneencoder.curriculum.scorers import _average_ranks
+    from oneencoder.training.curriculum.scorers import _average_ranks
 
     s, y = np.asarray(score, dtype=np.float64), np.asarray(label, dtype=bool)
     pos, neg = int(y.sum()), int((~y).sum())
@@ -104,8 +104,8 @@ def roc_auc(score: list[float], label: list[bool]) -> float:
 def scorer_aucs(data: Path, label_of: callable) -> dict[str, float]:
     """ROC-AUC of every stored scorer (and ``pair_agreement``'s measurements) at flagging ``label_of`` rows."""
     import numpy as np
-    from oneencoder.curriculum.difficulty import DifficultyTable
-    from oneencoder.manifest import read_manifest
+    from oneencoder.training.curriculum.difficulty import DifficultyTable
+    from oneencoder.data.manifest import read_manifest
 
     table = DifficultyTable.load(data / "cache" / "difficulty-image-text.json")
     rows = {r["id"]: r for r in read_manifest(data / "manifest.jsonl")}
@@ -119,9 +119,9 @@ def scorer_aucs(data: Path, label_of: callable) -> dict[str, float]:
 def online_aucs(model_dir: Path, data: Path, stage: str, label_of: callable) -> dict[str, float]:
     """ROC-AUC of the sampler's loss EMA and of the loss predictor at the end of a self-paced run."""
     from safetensors.torch import load_file
-    from oneencoder.config import load_stage
-    from oneencoder.manifest import read_manifest
-    from oneencoder.pairs import load_pair_split, stage_modalities
+    from oneencoder.training.config import load_stage
+    from oneencoder.data.manifest import read_manifest
+    from oneencoder.training.pairs import load_pair_split, stage_modalities
 
     state = load_file(str(model_dir / "runs" / stage / "last.safetensors"))
     config = load_stage(REPO / "stages" / "image_text.toml",
@@ -137,7 +137,7 @@ def online_aucs(model_dir: Path, data: Path, stage: str, label_of: callable) -> 
 
 
 def _jobs(regime: str, arms: dict[str, dict], data: Path, out: Path, seeds: int, steps: int) -> list[tuple]:
-    from oneencoder.manifest import read_manifest
+    from oneencoder.data.manifest import read_manifest
 
     n_train = sum(r.get("split") == "train" for r in read_manifest(data / "manifest.jsonl"))
     jobs = []
@@ -235,11 +235,11 @@ def main() -> None:
             print(regime_text(regime, result)[0] + "\n")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from oneencoder.config import load_stage
-    from oneencoder.datasets.corrupt import CORRUPTED_FIELD
+    from oneencoder.training.config import load_stage
+    from oneencoder.data.sources.corrupt import CORRUPTED_FIELD
     from oneencoder.fileio import write_json_atomic, write_text_atomic
-    from oneencoder.manifest import read_manifest
-    from oneencoder.pairs import stage_difficulty
+    from oneencoder.data.manifest import read_manifest
+    from oneencoder.training.pairs import stage_difficulty
 
     start, out = time.time(), Path(args.out)
     for spec in args.extra_arm:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from oneencoder.progressive import add_modality as add_modality_to_model
+from oneencoder.training.add_modality import add_modality as add_modality_to_model
 
 from ._common import echo, note, quiet_libraries, user_errors
 from .train import print_results

@@ -7,13 +7,13 @@ from typing import Optional
 
 import typer
 
-from oneencoder.cache import build_cache, rejects_path
-from oneencoder.config import load_stage
-from oneencoder.manifest import read_manifest
-from oneencoder.pairs import stage_modalities
+from oneencoder.data.manifest import read_manifest
+from oneencoder.features.cache import build_cache, rejects_path
+from oneencoder.features.shards import Shard, merge_shards
+from oneencoder.features.workers import default_workers
 from oneencoder.runtime import pick_device
-from oneencoder.shards import Shard, merge_shards
-from oneencoder.workers import default_workers
+from oneencoder.training.config import load_stage
+from oneencoder.training.pairs import stage_modalities
 
 from ._common import data_overrides, echo, quiet_libraries, user_errors
 

@@ -9,7 +9,7 @@ import typer
 
 import oneencoder
 from oneencoder.errors import OneEncoderError
-from oneencoder.metrics import format_number
+from oneencoder.evaluation.metrics import format_number
 
 from ._common import echo, quiet_libraries, user_errors
 from .search import strict_json

@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from oneencoder.config import load_stage
-from oneencoder.curriculum.report import write_report
-from oneencoder.manifest import read_manifest
-from oneencoder.pairs import stage_difficulty
+from oneencoder.data.manifest import read_manifest
+from oneencoder.training.config import load_stage
+from oneencoder.training.curriculum.report import write_report
+from oneencoder.training.pairs import stage_difficulty
 
 from ._common import data_overrides, echo, quiet_libraries, user_errors
 

@@ -10,10 +10,10 @@ from typing import Callable, List, Optional
 
 import typer
 
-from oneencoder.datasets.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
-from oneencoder.datasets.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
+from oneencoder.data.manifest import write_manifest
+from oneencoder.data.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
+from oneencoder.data.sources.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
 from oneencoder.fileio import ensure_writable
-from oneencoder.manifest import write_manifest
 
 from ._common import echo, note, user_errors
 
@@ -33,7 +33,7 @@ def build_tuxpaint_audio(out: Path, root: Path = DEFAULT_ROOT, augment: int = 4,
     base = records if all_stamps else [r for r in records if r["sound"]]
     extra, rejects = [], []
     if augment:
-        from oneencoder.datasets.audio_augment import augment_records
+        from oneencoder.data.sources.audio_augment import augment_records
 
         extra, rejects = augment_records(base, out.parent / "augmented", augment)
         for reject in rejects:
@@ -43,19 +43,19 @@ def build_tuxpaint_audio(out: Path, root: Path = DEFAULT_ROOT, augment: int = 4,
 
 
 def build_chemicals(out: Path, limit: int = 20000) -> Path:
-    from oneencoder.datasets.chemicals import chemicals_records, summarize as summarize_chemicals
+    from oneencoder.data.sources.chemicals import chemicals_records, summarize as summarize_chemicals
 
     return _write(out, chemicals_records(limit=limit), summarize_chemicals)
 
 
 def build_pybullet_rgbd(out: Path, renders: int = 60, seed: int = 0) -> Path:
-    from oneencoder.datasets.pybullet_rgbd import rgbd_records, summarize as summarize_rgbd
+    from oneencoder.data.sources.pybullet_rgbd import rgbd_records, summarize as summarize_rgbd
 
     return _write(out, rgbd_records(out.parent, renders_per_object=renders, seed=seed), summarize_rgbd)
 
 
 def build_pybullet_video(out: Path, clips: int = 8, seed: int = 0) -> Path:
-    from oneencoder.datasets.pybullet_video import summarize as summarize_video, video_records
+    from oneencoder.data.sources.pybullet_video import summarize as summarize_video, video_records
 
     return _write(out, video_records(out.parent, clips_per_combo=clips, seed=seed), summarize_video)
 
@@ -63,7 +63,7 @@ def build_pybullet_video(out: Path, clips: int = 8, seed: int = 0) -> Path:
 def build_openclipart(out: Path, root: Path = OPENCLIPART_ROOT, tuxpaint_root: Path = DEFAULT_ROOT,
                       limit: Optional[int] = None, with_tuxpaint: bool = True) -> Path:
     """Openclipart training pairs (plus, with ``with_tuxpaint``, every Tux Paint stamp); prints the summary."""
-    from oneencoder.datasets.openclipart_build import build_openclipart as run_build
+    from oneencoder.data.sources.openclipart_build import build_openclipart as run_build
 
     report = run_build(out, root, tuxpaint_root, limit=limit, with_tuxpaint=with_tuxpaint)
     echo(report.summary())
@@ -72,7 +72,7 @@ def build_openclipart(out: Path, root: Path = OPENCLIPART_ROOT, tuxpaint_root: P
 
 def build_corrupt(src: Path, out: Path, fraction: float, seed: int = 0) -> Path:
     """A copy of ``src`` with captions shuffled among ``fraction`` of its training pairs; prints the summary."""
-    from oneencoder.datasets.corrupt import corrupt_manifest
+    from oneencoder.data.sources.corrupt import corrupt_manifest
 
     echo(corrupt_manifest(src, out, fraction, seed).summary())
     return out
@@ -244,7 +244,7 @@ def import_table(
     Example:  oneencoder data import pairs.csv --map image=path --map text=caption --out manifest.jsonl
     """
     ensure_writable(out)  # before reading and decoding the data
-    from oneencoder.data_import import import_table as run_import
+    from oneencoder.data.table_import import import_table as run_import
 
     report = run_import(file, out, maps or [], fmt=fmt, split_col=split_col, val=val, test=test,
                         group_col=group_col, id_col=id_col)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import typer
 
-from oneencoder.cache import build_cache, rejects_path
-from oneencoder.config import load_stage
-from oneencoder.datasets.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
+from oneencoder.data.sources.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
+from oneencoder.features.cache import build_cache, rejects_path
 from oneencoder.fileio import write_jsonl_atomic
-from oneencoder.pairs import stage_modalities
-from oneencoder.stage import run_stage
 from oneencoder.runtime import pick_device
+from oneencoder.training.config import load_stage
+from oneencoder.training.pairs import stage_modalities
+from oneencoder.training.stage import run_stage
 
 from ._common import echo, note, quiet_libraries, user_errors
 from .train import print_results

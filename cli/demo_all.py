@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
-from oneencoder.progressive import add_modality
-from oneencoder.summary import format_results, write_results
+from oneencoder.evaluation.summary import format_results, write_results
+from oneencoder.training.add_modality import add_modality
 
 from ._common import echo, note, quiet_libraries, user_errors
 from .data import build_chemicals, build_pybullet_rgbd, build_pybullet_video, build_tuxpaint_audio

@@ -10,8 +10,8 @@ import typer
 
 import oneencoder
 from oneencoder.errors import OneEncoderError
+from oneencoder.evaluation.metrics import format_number
 from oneencoder.fileio import atomic_path, ensure_writable, not_utf8, write_json_atomic
-from oneencoder.metrics import format_number
 
 from ._common import echo, quiet_libraries, user_errors
 

@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from oneencoder.cache import build_cache
-from oneencoder.checkpoint import load_model, modality_from_meta
+from oneencoder.data.manifest import read_manifest
 from oneencoder.errors import OneEncoderError
-from oneencoder.evaluate import evaluate_samples
+from oneencoder.evaluation.retrieval import evaluate_samples
+from oneencoder.features.cache import build_cache
 from oneencoder.fileio import ensure_writable, write_json_atomic
-from oneencoder.manifest import read_manifest
+from oneencoder.model.checkpoint import load_model, modality_from_meta
 
 from ._common import echo, note, quiet_libraries, user_errors
 from .train import print_results

@@ -22,7 +22,7 @@ def onnx(
     with_backbone: bool = typer.Option(False, "--with-backbone",
                                        help="Also export text and image end to end (token ids / pixels in), "
                                             "the frozen backbone included."),
-    # Literals, as oneencoder.export (torch) loads only when the command runs; it checks the range.
+    # Literals, as oneencoder.apps.export (torch) loads only when the command runs; it checks the range.
     opset: int = typer.Option(18, help="ONNX opset version, 18 to 25: what the exporter writes and onnxruntime "
                                        "runs. A graph is written only with the opset asked for."),
     check: bool = typer.Option(True, "--check/--no-check",
@@ -33,7 +33,7 @@ def onnx(
     Example:  oneencoder export onnx --model outputs/demo/model --out outputs/demo/onnx --with-backbone
     """
     quiet_libraries()
-    from oneencoder.export import export_onnx
+    from oneencoder.apps.export import export_onnx
 
     report = export_onnx(model, out, modalities=modality or None, with_backbone=with_backbone, opset=opset,
                          check=check)

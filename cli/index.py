@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 import oneencoder
+from oneencoder.apps.index import KINDS
+from oneencoder.apps.index_build import build_index, read_sources
 from oneencoder.errors import OneEncoderError
-from oneencoder.index import KINDS
-from oneencoder.index_build import build_index, read_sources
 
 from ._common import echo, quiet_libraries, user_errors
 

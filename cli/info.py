@@ -8,10 +8,10 @@ from typing import Any
 
 import typer
 
-from oneencoder.checkpoint import modality_from_meta, read_meta, verify_files
-from oneencoder.config import projection_from_dict
 from oneencoder.errors import OneEncoderError
-from oneencoder.metrics import format_number
+from oneencoder.evaluation.metrics import format_number
+from oneencoder.model.checkpoint import modality_from_meta, read_meta, verify_files
+from oneencoder.training.config import projection_from_dict
 
 from ._common import echo, user_errors
 

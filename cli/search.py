@@ -9,11 +9,11 @@ from typing import Any, List, Optional
 import typer
 
 import oneencoder
-from oneencoder.api import OneEncoder
+from oneencoder.apps.api import OneEncoder
+from oneencoder.apps.index import VectorIndex, load_index
 from oneencoder.errors import OneEncoderError
-from oneencoder.index import VectorIndex, load_index
-from oneencoder.inputs import modality_of_file
-from oneencoder.metrics import format_number
+from oneencoder.evaluation.metrics import format_number
+from oneencoder.features.inputs import modality_of_file
 
 from ._common import echo, quiet_libraries, user_errors
 
@@ -70,7 +70,7 @@ def open_indexes(m: OneEncoder, paths: List[Path]) -> list[VectorIndex]:
 
 
 def _model_of(indexes: List[Path]) -> Path:
-    from oneencoder.index import read_index_meta
+    from oneencoder.apps.index import read_index_meta
 
     recorded = read_index_meta(indexes[0]).get("model")
     if not recorded:

@@ -30,7 +30,7 @@ def serve(
     Example:  oneencoder serve --model outputs/demo/model --index outputs/demo/index-image
     """
     quiet_libraries()
-    from oneencoder.serve import create_app, run
+    from oneencoder.apps.serve import create_app, run
 
     app = create_app(model, index, k=k, device=device, workers=workers, timeout=timeout)
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from oneencoder.config import load_stage
-from oneencoder.metrics import format_table
-from oneencoder.stage import run_stage
+from oneencoder.evaluation.metrics import format_table
+from oneencoder.training.config import load_stage
+from oneencoder.training.stage import run_stage
 
 from ._common import data_overrides, echo, quiet_libraries, user_errors
 

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from oneencoder.backbones import existing_path, freeze, packaged_path, require
+from oneencoder.deps import require
 from oneencoder.errors import ConfigError, SampleError
+from oneencoder.features.backbones import existing_path, freeze, packaged_path
+from oneencoder.features.inputs import tensor_to_numpy
 from oneencoder.fileio import sha256_file
-from oneencoder.inputs import tensor_to_numpy
 from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "pypi:aisfx"

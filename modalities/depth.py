@@ -46,7 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from oneencoder.errors import ConfigError, SampleError
-from oneencoder.inputs import tensor_to_numpy
+from oneencoder.features.inputs import tensor_to_numpy
 from oneencoder.modalities.image import DEFAULT_BACKBONE, ImageBackboneMixin
 from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
 

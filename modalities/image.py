@@ -32,10 +32,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from oneencoder.backbones import existing_path, freeze, load_weights, packaged_path, require
+from oneencoder.deps import require
 from oneencoder.errors import ConfigError, SampleError
+from oneencoder.features.backbones import existing_path, freeze, load_weights, packaged_path
+from oneencoder.features.inputs import image_from_array
 from oneencoder.fileio import sha256_file, sha256_text
-from oneencoder.inputs import image_from_array
 from oneencoder.modality import Modality, ModalitySpec, register_modality
 
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"

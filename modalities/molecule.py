@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from oneencoder.backbones import freeze
 from oneencoder.errors import ConfigError, SampleError
+from oneencoder.features.backbones import freeze
 from oneencoder.fileio import sha256_text
 from oneencoder.modality import Modality, ModalitySpec, register_modality
 

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from oneencoder.backbones import existing_path, freeze, packaged_path, require
+from oneencoder.deps import require
 from oneencoder.errors import ConfigError, MissingDependencyError, SampleError
+from oneencoder.features.backbones import existing_path, freeze, packaged_path
 from oneencoder.fileio import sha256_file, sha256_text
 from oneencoder.modality import Modality, ModalitySpec, register_modality
 

@@ -57,9 +57,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from oneencoder.backbones import require
+from oneencoder.deps import require
 from oneencoder.errors import ConfigError, SampleError
-from oneencoder.inputs import tensor_to_numpy
+from oneencoder.features.inputs import tensor_to_numpy
 from oneencoder.modalities.image import ImageBackboneMixin, standard_mode
 from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
 

@@ -1,5 +1,23 @@
 """oneencoder: progressive multi-modal alignment with cross-modal contrastive curriculum learning.
 
+The package follows the data flow, lowest first; a subpackage imports only those below it
+(``tests/test_layout.py`` checks this):
+
+- shared utilities (this folder): ``errors``, ``fileio``, ``names``, ``progress``, ``registry``,
+  ``runtime``, ``deps`` and ``modality``, the one interface a modality implements;
+- ``data``: manifests, table import, builders of real data sets (``data.sources``);
+- ``features``: frozen backbones, the feature cache, its shards and banks;
+- ``model``: adapters, modality tokens, the Universal Projection, losses, the model directory;
+- ``evaluation``: retrieval metrics, zero-shot retrieval, exact top-k, results tables;
+- ``training``: stage files, the trainer, runs, data parallelism, add-modality, the curriculum;
+- ``apps``: ``load`` and the inference API, classification, indexes, ``serve``, ONNX export.
+
+Three top-level folders of the repository are installed inside this namespace, so that
+``import modalities`` never leaks into a user's environment: ``modalities/`` is
+``oneencoder.modalities``, ``cli/`` is ``oneencoder.cli`` and ``stages/`` is
+``oneencoder.stages`` (``pyproject.toml``'s ``package-dir``). In a source checkout the
+lines below give the same names by adding the repository root to this package's path.
+
 Example:
     >>> import oneencoder
     >>> m = oneencoder.load("outputs/demo/model")
@@ -8,16 +26,16 @@ Example:
 
 from pathlib import Path as _Path
 
-# In a source checkout (cwd on sys.path), map modalities/, stages/ and cli/ under
-# this package the way the installed package does, so both import the same names.
+# In a source checkout, map modalities/, stages/ and cli/ under this package the way the
+# installed package does (see above), so both import the same names.
 _root = _Path(__file__).resolve().parent.parent
 if (_root / "pyproject.toml").is_file() and (_root / "modalities" / "__init__.py").is_file():
     __path__.append(str(_root))  # type: ignore[name-defined]
 
-from .api import OneEncoder, load  # noqa: E402
-from .backbones import freeze, load_weights  # noqa: E402
+from .apps.api import OneEncoder, load  # noqa: E402
+from .apps.index import VectorIndex, load_index  # noqa: E402
 from .errors import OneEncoderError  # noqa: E402
-from .index import VectorIndex, load_index  # noqa: E402
+from .features.backbones import freeze, load_weights  # noqa: E402
 from .modality import Modality, ModalitySpec, create_modality, list_modalities, register_modality  # noqa: E402
 
 __version__ = "0.1.0"

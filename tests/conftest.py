@@ -31,11 +31,11 @@ from typing import Any, Callable  # noqa: E402
 
 import pytest  # noqa: E402
 
-from oneencoder.cache import build_cache  # noqa: E402
-from oneencoder.config import StageConfig, parse_stage  # noqa: E402
-from oneencoder.datasets.tuxpaint import tuxpaint_records  # noqa: E402
+from oneencoder.data.sources.tuxpaint import tuxpaint_records  # noqa: E402
+from oneencoder.features.cache import build_cache  # noqa: E402
 from oneencoder.fileio import write_jsonl_atomic  # noqa: E402
 from oneencoder.modality import Modality, create_modality  # noqa: E402
+from oneencoder.training.config import StageConfig, parse_stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_FILE = REPO / "stages" / "image_text.toml"
@@ -221,7 +221,7 @@ def small_cache(small_records: list[dict], stage_modalities: dict[str, Modality]
 def trained_model(small_manifest: Path, small_cache: Path, make_config: Callable[..., StageConfig],
                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One short Stage-1 run on the small data: ``{"dir", "summary", "config"}``."""
-    from oneencoder.stage import run_stage
+    from oneencoder.training.stage import run_stage
 
     config = make_config(small_manifest, small_cache, epochs=3)
     model_dir = tmp_path_factory.mktemp("trained") / "model"

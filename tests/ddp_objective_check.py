@@ -13,13 +13,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from oneencoder import distributed as ddp
-from oneencoder.bank import FeatureBank
-from oneencoder.curriculum.weights import SampleWeights
-from oneencoder.losses import create_loss, list_losses
-from oneencoder.model import AdapterConfig, ProjectionConfig, build_model
-from oneencoder.objective import PairObjective
-from oneencoder.pairs import PairSplit
+from oneencoder.training import distributed as ddp
+from oneencoder.features.bank import FeatureBank
+from oneencoder.model.losses import create_loss, list_losses
+from oneencoder.model.parts import AdapterConfig, ProjectionConfig, build_model
+from oneencoder.training.curriculum.weights import SampleWeights
+from oneencoder.training.objective import PairObjective
+from oneencoder.training.pairs import PairSplit
 
 N, GLOBAL_BATCH, STEPS = 40, 16, 3
 

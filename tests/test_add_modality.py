@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import oneencoder
 from oneencoder.cli.main import app
 from oneencoder.fileio import sha256_file, write_jsonl_atomic
-from oneencoder.progressive import add_modality
+from oneencoder.training.add_modality import add_modality
 
 pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
 
@@ -108,7 +108,7 @@ def test_add_modality_leaves_earlier_parts_byte_identical(stage1_dir, sound_stam
 
 
 def test_adding_molecules_keeps_every_earlier_file(stage1_dir, tmp_path: Path) -> None:
-    from oneencoder.datasets.chemicals import chemicals_records
+    from oneencoder.data.sources.chemicals import chemicals_records
 
     root, _ = stage1_dir
     model = tmp_path / "model"

@@ -17,10 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from oneencoder.cli.main import app
-from oneencoder.curriculum.difficulty import DifficultyTable, difficulty_path
-from oneencoder.curriculum.pacers import list_pacers
 from oneencoder.fileio import sha256_file, write_jsonl_atomic
 from oneencoder.modality import create_modality
+from oneencoder.training.curriculum.difficulty import DifficultyTable, difficulty_path
+from oneencoder.training.curriculum.pacers import list_pacers
 
 REPO = Path(__file__).resolve().parent.parent
 AUDIO_STAGE = REPO / "stages" / "audio.toml"

@@ -9,7 +9,7 @@ from PIL import Image
 
 import oneencoder
 from oneencoder.errors import ConfigError, SampleError
-from oneencoder.inputs import as_batch, image_from_array
+from oneencoder.features.inputs import as_batch, image_from_array
 from oneencoder.modality import get_modality_class
 
 

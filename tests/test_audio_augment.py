@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oneencoder.datasets.audio_augment import augment_records
+from oneencoder.data.sources.audio_augment import augment_records
 from oneencoder.modality import create_modality
 
 

@@ -23,9 +23,9 @@ import torch
 from typer.testing import CliRunner
 
 from oneencoder.cli.main import app
-from oneencoder.config import NUMERIC_RANGES, parse_stage
 from oneencoder.errors import ConfigError
 from oneencoder.fileio import write_jsonl_atomic
+from oneencoder.training.config import NUMERIC_RANGES, parse_stage
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_TEXT = (REPO / "stages" / "image_text.toml").read_text(encoding="utf-8")
@@ -196,7 +196,7 @@ def _bad_values(rule: tuple, default: Any) -> list[float]:
 
 
 def _defaults() -> dict[str, Any]:
-    from oneencoder.config import AdapterConfig, CurriculumConfig, LossConfig, ProjectionConfig, TrainConfig
+    from oneencoder.training.config import AdapterConfig, CurriculumConfig, LossConfig, ProjectionConfig, TrainConfig
 
     return {"model": ProjectionConfig(), "adapter": AdapterConfig(), "loss": LossConfig(), "train": TrainConfig(),
             "curriculum": CurriculumConfig()}

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import oneencoder.bank as bank_module
-from oneencoder.bank import DiskFeatureBank, FeatureBank, choose_bank, export_dir, export_features, load_banks
-from oneencoder.cache import FeatureCache, cache_dir_for
+import oneencoder.features.bank as bank_module
 from oneencoder.errors import ConfigError
+from oneencoder.features.bank import DiskFeatureBank, FeatureBank, choose_bank, export_dir, export_features, load_banks
+from oneencoder.features.cache import FeatureCache, cache_dir_for
 from oneencoder.modality import Modality
-from oneencoder.pairs import load_pair_split
+from oneencoder.training.pairs import load_pair_split
 
 pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
 

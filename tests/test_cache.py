@@ -13,9 +13,9 @@ import lmdb
 import pytest
 import torch
 
-from oneencoder.bank import FeatureBank
-from oneencoder.cache import FeatureCache, build_cache, cache_dir_for, rejects_path
 from oneencoder.errors import CacheMismatchError, OneEncoderError
+from oneencoder.features.bank import FeatureBank
+from oneencoder.features.cache import FeatureCache, build_cache, cache_dir_for, rejects_path
 from oneencoder.modalities.text import Text
 from oneencoder.modality import create_modality
 

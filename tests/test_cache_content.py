@@ -14,12 +14,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from oneencoder.cache import (FeatureCache, build_cache, cache_dir_for, cache_lock, input_key, read_rejects,
-                              rejects_path)
 from oneencoder.cli.main import app
 from oneencoder.errors import OneEncoderError
+from oneencoder.features.cache import (FeatureCache, build_cache, cache_dir_for, cache_lock, input_key, read_rejects,
+                                       rejects_path)
+from oneencoder.features.rounding import feature_mismatch
 from oneencoder.fileio import write_jsonl_atomic
-from oneencoder.rounding import feature_mismatch
 
 pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
 

@@ -7,20 +7,20 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from oneencoder.cache import (FeatureCache, build_cache, cache_dir_for, cache_lock, input_key, read_rejects,
-                              rejects_path)
 from oneencoder.cli.main import app
 from oneencoder.errors import CacheMismatchError, OneEncoderError
+from oneencoder.features.cache import (FeatureCache, build_cache, cache_dir_for, cache_lock, input_key, read_rejects,
+                                       rejects_path)
+from oneencoder.features.rounding import feature_mismatch
+from oneencoder.features.shards import Shard, merge_shards
 from oneencoder.fileio import write_jsonl_atomic
 from oneencoder.modality import create_modality
-from oneencoder.rounding import feature_mismatch
-from oneencoder.shards import Shard, merge_shards
 
 pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
 
 # Shards batch other samples together than one build does, and features depend in their last
 # fp16 bit on the batch (kernel choice per batch size and processor; text padding): features are
-# compared to within fp16 rounding (oneencoder.rounding), everything else exactly.
+# compared to within fp16 rounding (oneencoder.features.rounding), everything else exactly.
 BATCH = {"image": 4, "text": 4}
 
 
@@ -76,7 +76,7 @@ def test_two_shards_merged_equal_one_build(records, stage_modalities, unsharded,
         with FeatureCache(cache_dir_for(tmp_path, name), m.fingerprint(), readonly=True) as cache:
             assert [t.numpy().tobytes() for t in cache.get_many(expected["ids"])] == merged_bytes
     # Readers open the merged cache exactly as an unsharded one.
-    from oneencoder.pairs import load_pair_split
+    from oneencoder.training.pairs import load_pair_split
 
     split = load_pair_split(records, "train", stage_modalities, tmp_path)
     reference = load_pair_split(records, "train", stage_modalities, unsharded)

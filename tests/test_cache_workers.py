@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from oneencoder.features.workers import default_workers, loader_options
 from oneencoder.fileio import write_jsonl_atomic
-from oneencoder.workers import default_workers, loader_options
 
 
 def _children(pid: int) -> list[int]:

@@ -12,8 +12,8 @@ import typer
 from typer.testing import CliRunner
 
 from oneencoder.cli.main import app
+from oneencoder.data.manifest import read_manifest
 from oneencoder.fileio import write_jsonl_atomic
-from oneencoder.manifest import read_manifest
 
 runner = CliRunner()
 
@@ -97,7 +97,7 @@ def test_pybullet_import_banner_stays_off_stdout() -> None:
     import subprocess
     import sys
 
-    code = "from oneencoder.datasets.pybullet_scenes import pybullet_module; pybullet_module(); print('ok')"
+    code = "from oneencoder.data.sources.pybullet_scenes import pybullet_module; pybullet_module(); print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout == "ok\n", result.stdout
 

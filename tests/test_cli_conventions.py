@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import oneencoder
 from oneencoder.cli.main import app
-from oneencoder.metrics import format_number
+from oneencoder.evaluation.metrics import format_number
 from oneencoder.progress import LogLinesBar, configure, progress_bar, status
 
 runner = CliRunner()

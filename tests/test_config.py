@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from oneencoder.config import StageConfig, load_stage, parse_stage, resolve_stage_path
 from oneencoder.errors import ConfigError
+from oneencoder.training.config import StageConfig, load_stage, parse_stage, resolve_stage_path
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_FILE = REPO / "stages" / "image_text.toml"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from oneencoder.errors import ConfigError
-from oneencoder.losses import ContrastiveLoss, HardNegativeLoss, MarginLoss, create_loss, list_losses
+from oneencoder.model.losses import ContrastiveLoss, HardNegativeLoss, MarginLoss, create_loss, list_losses
 
 GROUPS = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])  # two shared groups: masked negatives
 

@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from oneencoder.cli.main import app
-from oneencoder.curriculum.difficulty import DifficultyTable, difficulty_path
-from oneencoder.curriculum.scorers import list_scorers
-from oneencoder.manifest import read_manifest
-from oneencoder.pairs import stage_difficulty
-from oneencoder.stage import run_stage
+from oneencoder.data.manifest import read_manifest
+from oneencoder.training.curriculum.difficulty import DifficultyTable, difficulty_path
+from oneencoder.training.curriculum.scorers import list_scorers
+from oneencoder.training.pairs import stage_difficulty
+from oneencoder.training.stage import run_stage
 
 runner = CliRunner()
 

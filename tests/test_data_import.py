@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from oneencoder.cli.main import app
-from oneencoder.data_import import fraction_split, import_table
+from oneencoder.data.manifest import SPLITS, caption_group, caption_split, read_manifest
+from oneencoder.data.table_import import fraction_split, import_table
 from oneencoder.errors import ConfigError
-from oneencoder.manifest import SPLITS, caption_group, caption_split, read_manifest
 
 CLI = Path(sys.executable).parent / "oneencoder"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -264,7 +264,7 @@ def test_option_errors_in_the_library(table: dict, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_imported_manifest_builds_a_cache_from_another_folder(table: dict, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from oneencoder.cache import build_cache
+    from oneencoder.features.cache import build_cache
     from oneencoder.modality import create_modality
 
     src = _write_table(table["root"], table["rows"])

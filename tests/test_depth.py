@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 import oneencoder.modalities.depth  # noqa: F401  (registers "depth")
-from oneencoder.cache import FeatureCache, build_cache, cache_dir_for, rejects_path
+from oneencoder.data.manifest import caption_group
 from oneencoder.errors import ConfigError, SampleError
-from oneencoder.manifest import caption_group
+from oneencoder.features.cache import FeatureCache, build_cache, cache_dir_for, rejects_path
 from oneencoder.modalities.depth import ENCODINGS, DepthMap
 
 pytest.importorskip("pybullet")
 
-from oneencoder.datasets.pybullet_rgbd import pose_split, rgbd_records, summarize  # noqa: E402
+from oneencoder.data.sources.pybullet_rgbd import pose_split, rgbd_records, summarize  # noqa: E402
 from oneencoder.modality import create_modality  # noqa: E402
 
 OBJECTS = ("duck", "cube", "bunny")

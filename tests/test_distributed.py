@@ -98,10 +98,10 @@ def _weights(model: Path) -> dict[str, torch.Tensor]:
 
 def _embeddings(model: Path, cache: Path, manifest: Path) -> dict[str, torch.Tensor]:
     """What the model computes: both modalities' embeddings of the validation split."""
-    from oneencoder.checkpoint import load_model, modality_from_meta
-    from oneencoder.evaluate import embed_bank
-    from oneencoder.manifest import read_manifest
-    from oneencoder.pairs import load_pair_split
+    from oneencoder.model.checkpoint import load_model, modality_from_meta
+    from oneencoder.evaluation.retrieval import embed_bank
+    from oneencoder.data.manifest import read_manifest
+    from oneencoder.training.pairs import load_pair_split
 
     net, meta = load_model(model)
     modalities = {n: modality_from_meta(n, info, check_weights=False) for n, info in meta["modalities"].items()}
@@ -144,7 +144,7 @@ def test_every_loss_gathers_across_ranks_like_one_process() -> None:
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(script)], capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    from oneencoder.losses import list_losses
+    from oneencoder.model.losses import list_losses
 
     assert sorted(line.split()[1] for line in done.stdout.splitlines() if line.startswith("ok ")) == list_losses()
 

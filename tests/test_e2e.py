@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 import oneencoder
-from oneencoder.cache import build_cache, rejects_path
-from oneencoder.checkpoint import load_model, read_meta
-from oneencoder.evaluate import evaluate_samples
+from oneencoder.data.manifest import read_manifest
+from oneencoder.evaluation.retrieval import evaluate_samples
+from oneencoder.features.cache import build_cache, rejects_path
 from oneencoder.fileio import write_jsonl_atomic
-from oneencoder.manifest import read_manifest
-from oneencoder.model import OneEncoderModel
 from oneencoder.modality import create_modality
-from oneencoder.stage import run_stage
+from oneencoder.model.checkpoint import load_model, read_meta
+from oneencoder.model.parts import OneEncoderModel
 from oneencoder.runtime import seed_everything
+from oneencoder.training.stage import run_stage
 
 EPOCHS = 8
 

@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 import oneencoder
+from oneencoder.apps.export import TOLERANCE, export_full, export_head
 from oneencoder.cli.main import app
-from oneencoder.export import TOLERANCE, export_full, export_head
-from oneencoder.model import AdapterConfig, ProjectionConfig, build_model
+from oneencoder.model.parts import AdapterConfig, ProjectionConfig, build_model
 
 pytestmark = pytest.mark.bytes  # ONNX against PyTorch, to a stated tolerance (docs/reliability.md)
 
@@ -71,7 +71,7 @@ def test_text_graph_runs_with_onnxruntime_and_tokenizers_alone(exported) -> None
     """What docs/export.md shows: no torch, no oneencoder, only onnxruntime and tokenizers."""
     from tokenizers import Tokenizer
 
-    from oneencoder.export import _preprocessing
+    from oneencoder.apps.export import _preprocessing
 
     out, m = exported["out"], exported["model"]
     meta = _preprocessing(m, "text", out)  # what export.json records with --with-backbone

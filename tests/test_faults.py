@@ -4,7 +4,7 @@
 model-directory update) and of ``add-modality`` (its first best model committed, not yet
 in place), and at a random time of ``cache build``; each rerun must resume and end
 byte-identical to an uninterrupted run (the cache's features: to within fp16 rounding,
-see ``oneencoder/rounding.py``), with no sample lost.
+see ``oneencoder/features/rounding.py``), with no sample lost.
 """
 
 from __future__ import annotations

@@ -42,17 +42,17 @@ from typer.testing import CliRunner  # noqa: E402
 
 import oneencoder  # noqa: E402
 from oneencoder.cli.main import app  # noqa: E402
-from oneencoder.config import (AdapterConfig, CurriculumConfig, LossConfig, ProjectionConfig, TrainConfig,  # noqa: E402
-                               load_stage)
-from oneencoder.curriculum.pacers import create_pacer, list_pacers  # noqa: E402
+from oneencoder.data.manifest import MAX_ID_BYTES, SPLITS, id_problem, manifest_hash, read_manifest  # noqa: E402
+from oneencoder.data.table_import import import_table  # noqa: E402
 from oneencoder.errors import OneEncoderError, SampleError  # noqa: E402
-from oneencoder.data_import import import_table  # noqa: E402
 from oneencoder.fileio import MAX_JSON_DEPTH  # noqa: E402
-from oneencoder.manifest import MAX_ID_BYTES, SPLITS, id_problem, manifest_hash, read_manifest  # noqa: E402
 from oneencoder.modality import create_stage_modalities, get_modality_class  # noqa: E402
-from oneencoder.model import build_model  # noqa: E402
-from oneencoder.objective import stage_loss  # noqa: E402
-from oneencoder.train import lr_at  # noqa: E402
+from oneencoder.model.parts import build_model  # noqa: E402
+from oneencoder.training.config import (AdapterConfig, CurriculumConfig, LossConfig, ProjectionConfig, TrainConfig,  # noqa: E402
+                                        load_stage)
+from oneencoder.training.curriculum.pacers import create_pacer, list_pacers  # noqa: E402
+from oneencoder.training.objective import stage_loss  # noqa: E402
+from oneencoder.training.trainer import lr_at  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=True,
@@ -388,7 +388,7 @@ def test_fuzzed_hostile_table_row_is_imported_or_rejected(hostile, tmp_path_fact
 @given(sid=long_ids() | texts_with_a_surrogate | st.text(max_size=20))
 def test_fuzzed_id_keys_the_cache_exactly_when_id_problem_says(sid: str, tmp_path_factory) -> None:
     """:func:`id_problem` is the cache's own rule: a real LMDB stores every id it passes, refuses the rest."""
-    from oneencoder.cache import FeatureCache
+    from oneencoder.features.cache import FeatureCache
 
     root = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp()))
     with FeatureCache(root / "c", {"feature_dim": 2, "max_tokens": 1}) as cache:
@@ -511,7 +511,7 @@ def _reachable(meta: Any, path: tuple) -> bool:
 @pytest.fixture(scope="module")
 def cached_features(small_cache, stage_modalities, small_records) -> dict[str, torch.Tensor]:
     """Real backbone features of one stamp per modality, from the session's feature cache."""
-    from oneencoder.cache import FeatureCache, cache_dir_for
+    from oneencoder.features.cache import FeatureCache, cache_dir_for
 
     out = {}
     for name, modality in stage_modalities.items():

@@ -23,7 +23,7 @@ def _losses(model: Path) -> list[float]:
 @pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
 def test_stage1_trains_on_cuda_in_bf16(small_manifest, small_cache, make_config, tmp_path: Path,
                                        compile_model: bool) -> None:
-    from oneencoder.stage import run_stage
+    from oneencoder.training.stage import run_stage
 
     config = make_config(small_manifest, small_cache, epochs=4, device="cuda", log_every=1, compile=compile_model)
     summary = run_stage(config, tmp_path / "model", progress=False)
@@ -34,7 +34,7 @@ def test_stage1_trains_on_cuda_in_bf16(small_manifest, small_cache, make_config,
 
 
 def test_banks_live_on_the_gpu(small_records, small_cache, stage_modalities) -> None:
-    from oneencoder.pairs import load_pair_split
+    from oneencoder.training.pairs import load_pair_split
 
     split = load_pair_split(small_records, "train", stage_modalities, small_cache, device="cuda")
     for bank in split.banks.values():
@@ -43,7 +43,7 @@ def test_banks_live_on_the_gpu(small_records, small_cache, stage_modalities) -> 
 
 
 def test_retrieval_on_cuda_equals_the_cpu() -> None:
-    from oneencoder.evaluate import retrieval_between
+    from oneencoder.evaluation.retrieval import retrieval_between
 
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=1)

@@ -20,13 +20,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from oneencoder.cache import FeatureCache, build_cache, cache_dir_for, read_rejects, rejects_path
 from oneencoder.cli.main import app
-from oneencoder.config import load_stage
-from oneencoder.data_import import MAX_CELL_CHARS, import_table
+from oneencoder.data.manifest import MAX_ID_BYTES, read_manifest
+from oneencoder.data.table_import import MAX_CELL_CHARS, import_table
 from oneencoder.errors import ConfigError, OneEncoderError, SampleError
+from oneencoder.features.cache import FeatureCache, build_cache, cache_dir_for, read_rejects, rejects_path
 from oneencoder.fileio import MAX_JSON_DEPTH
-from oneencoder.manifest import MAX_ID_BYTES, read_manifest
+from oneencoder.training.config import load_stage
 
 REPO = Path(__file__).resolve().parent.parent
 DEEP = "[" * 100_000  # far past Python's recursion limit: json.loads alone raises RecursionError
@@ -193,8 +193,8 @@ def test_export_out_naming_a_file_is_one_line(tmp_path: Path) -> None:
 def test_exported_graph_declares_the_opset_asked_for(tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from oneencoder.export import export_head
-    from oneencoder.model import AdapterConfig, ProjectionConfig, build_model
+    from oneencoder.apps.export import export_head
+    from oneencoder.model.parts import AdapterConfig, ProjectionConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ProjectionConfig(d_model=16, layers=1, heads=2), {"c": {"feature_dim": 8, "max_tokens": 3}},

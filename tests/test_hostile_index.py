@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from oneencoder.apps.index import IVF_MIN_VECTORS, VectorIndex, load_index
 from oneencoder.cli.main import app
 from oneencoder.errors import OneEncoderError
 from oneencoder.fileio import sha256_file, write_jsonl_atomic
-from oneencoder.index import IVF_MIN_VECTORS, VectorIndex, load_index
 
 runner = CliRunner()
 SPACE = {"projection": "p", "adapter": "a", "backbone": "b", "preprocess_version": "v1", "embed_dim": 8}

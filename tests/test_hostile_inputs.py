@@ -32,8 +32,8 @@ from numpy.lib import format as npformat
 from PIL import Image
 
 import oneencoder
-from oneencoder.cache import build_cache
 from oneencoder.errors import SampleError
+from oneencoder.features.cache import build_cache
 from oneencoder.modalities.depth import MAX_DEPTH_VALUES
 from oneencoder.modalities.image import MAX_IMAGE_PIXELS
 from oneencoder.modalities.molecule import MAX_SMILES_ATOMS, MAX_SMILES_CHARS, parse_smiles

@@ -18,15 +18,15 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from oneencoder.cache import cache_lock
 from oneencoder.cli.main import app
-from oneencoder.config import parse_stage
 from oneencoder.errors import ConfigError, OneEncoderError
+from oneencoder.features.cache import cache_lock
+from oneencoder.model.transaction import JOURNAL, PENDING, recover
 from oneencoder.names import path_inside, remove_tree_inside, safe_name
-from oneencoder.progressive import add_modality
-from oneencoder.runs import model_writer
-from oneencoder.stage import run_stage
-from oneencoder.transaction import JOURNAL, PENDING, recover
+from oneencoder.training.add_modality import add_modality
+from oneencoder.training.config import parse_stage
+from oneencoder.training.runs import model_writer
+from oneencoder.training.stage import run_stage
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_TEXT = (REPO / "stages" / "image_text.toml").read_text(encoding="utf-8")

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 import oneencoder
+from oneencoder.apps.index_build import build_index, read_sources
+from oneencoder.apps.serve import app as app_module
+from oneencoder.apps.serve.workers import WorkerCrash, WorkerTimeout
 from oneencoder.fileio import write_jsonl_atomic
-from oneencoder.index_build import build_index, read_sources
-from oneencoder.serve import app as app_module
-from oneencoder.serve.workers import WorkerCrash, WorkerTimeout
 
 K = 4
 TIMEOUT = 3.0  # serve's per-query limit here; real queries take well under a second
@@ -32,7 +32,7 @@ TIMEOUT = 3.0  # serve's per-query limit here; real queries take well under a se
 
 @pytest.fixture(scope="module")
 def served(trained_model, small_records, tmp_path_factory):
-    from oneencoder.serve import bind, create_app, server
+    from oneencoder.apps.serve import bind, create_app, server
 
     root = tmp_path_factory.mktemp("hostile-serve")
     records = [{**r, "score": 42.0, "rank": 0, "row": -1, "sound": "/etc/hostname"} for r in small_records[:8]]

@@ -13,11 +13,11 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 import oneencoder
-from oneencoder import index as index_module
-from oneencoder import index_build
+from oneencoder.apps import index as index_module
+from oneencoder.apps import index_build
+from oneencoder.apps.index import IndexMismatchError, VectorIndex, exact_topk, load_index
 from oneencoder.cli.main import app
 from oneencoder.fileio import sha256_file, write_jsonl_atomic
-from oneencoder.index import IndexMismatchError, VectorIndex, exact_topk, load_index
 
 runner = CliRunner()
 

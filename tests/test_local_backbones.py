@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from oneencoder.cache import FeatureCache
 from oneencoder.errors import OneEncoderError
+from oneencoder.features.cache import FeatureCache
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_FILE = REPO / "stages" / "image_text.toml"
@@ -204,7 +204,7 @@ def test_timm_safetensors_image_backbone_end_to_end(resnet18_state: dict, small_
 
 
 def test_timm_pth_weights_load(resnet18_state: dict, tmp_path: Path) -> None:
-    from oneencoder.backbones import load_weights
+    from oneencoder.features.backbones import load_weights
     from oneencoder.modality import create_modality
 
     weights = tmp_path / "resnet18.pth"

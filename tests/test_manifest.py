@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from oneencoder.data.manifest import (Manifest, manifest_hash, manifest_schema, portable_path, read_manifest,
+                                      write_manifest)
 from oneencoder.errors import OneEncoderError
-from oneencoder.manifest import (Manifest, manifest_hash, manifest_schema, portable_path, read_manifest,
-                                 write_manifest)
 from oneencoder.modality import file_fields
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "oneencoder" / "manifest.schema.json"
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "oneencoder" / "data" / "manifest.schema.json"
 GOOD = {"id": "a", "caption": "A badger.", "split": "train"}
 
 

@@ -1,4 +1,4 @@
-"""Tests for oneencoder.metrics against hand-computed values."""
+"""Tests for oneencoder.evaluation.metrics against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import oneencoder.metrics as metrics_module
-from oneencoder.metrics import chance_metrics, format_table, retrieval_metrics
+import oneencoder.evaluation.metrics as metrics_module
+from oneencoder.evaluation.metrics import chance_metrics, format_table, retrieval_metrics
 
 # Hand-made example: 3 queries, 4 gallery items, several positives, one tie.
 #   q0 ranks 0,1,2,3 -> hits at ranks 2 and 4

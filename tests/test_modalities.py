@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from oneencoder.backbones import load_weights
 from oneencoder.errors import SampleError
+from oneencoder.features.backbones import load_weights
 from oneencoder.modalities.image import _default_weights, lukemelas_to_timm
 from oneencoder.modality import Modality, create_modality
 
@@ -225,7 +225,7 @@ def test_minilm_sentence_similarity_is_plausible(text_modality, text_backbone) -
 
 _RNG_CHECK = """
 import sys, torch
-from oneencoder.checkpoint import modality_meta
+from oneencoder.model.checkpoint import modality_meta
 from oneencoder.modality import create_modality
 for name in sys.argv[1:]:
     m = create_modality(name)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from oneencoder.errors import ConfigError
-from oneencoder.losses import ContrastiveLoss, same_group_mask
-from oneencoder.model import Adapter, AdapterConfig, OneEncoderModel, ProjectionConfig, UniversalProjection
+from oneencoder.model.losses import ContrastiveLoss, same_group_mask
+from oneencoder.model.parts import Adapter, AdapterConfig, OneEncoderModel, ProjectionConfig, UniversalProjection
 
 D_MODEL = 32
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from oneencoder.cache import FeatureCache, build_cache, cache_dir_for, rejects_path
-from oneencoder.datasets.chemicals import chemicals_records, summarize
+from oneencoder.data.sources.chemicals import chemicals_records, summarize
 from oneencoder.errors import ConfigError, SampleError
+from oneencoder.features.cache import FeatureCache, build_cache, cache_dir_for, rejects_path
 from oneencoder.modalities.molecule import fragment_counts, fragment_names
 from oneencoder.modality import create_modality
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from oneencoder.curriculum.agreement import clean_probability, cross_fit_probe, csls
-from oneencoder.curriculum.difficulty import _load_context
-from oneencoder.curriculum.scorers import create_scorer
-from oneencoder.curriculum.weights import (SampleWeights, build_weights, group_balance_weights, lambert_w0,
-                                           superloss_confidence)
 from oneencoder.errors import ConfigError
-from oneencoder.losses import create_loss
+from oneencoder.model.losses import create_loss
+from oneencoder.training.curriculum.agreement import clean_probability, cross_fit_probe, csls
+from oneencoder.training.curriculum.difficulty import _load_context
+from oneencoder.training.curriculum.scorers import create_scorer
+from oneencoder.training.curriculum.weights import (SampleWeights, build_weights, group_balance_weights, lambert_w0,
+                                                    superloss_confidence)
 
 
 def _roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -167,7 +167,7 @@ def test_sample_weights_multiply_trust_and_superloss_with_a_floor() -> None:
 
 def test_trust_weighted_stage_runs_end_to_end(small_manifest: Path, small_cache: Path, make_config,
                                                tmp_path: Path) -> None:
-    from oneencoder.stage import run_stage
+    from oneencoder.training.stage import run_stage
 
     config = make_config(small_manifest, small_cache, epochs=2,
                          log_every=1, sections={"curriculum": {"weighting": "trust+superloss", "weight_floor": 0.05}})
@@ -179,8 +179,8 @@ def test_trust_weighted_stage_runs_end_to_end(small_manifest: Path, small_cache:
 
 
 def test_report_shows_the_most_suspect_pairs(small_records, small_cache, stage_modalities, tmp_path: Path) -> None:
-    from oneencoder.curriculum.difficulty import compute_difficulty
-    from oneencoder.curriculum.report import write_report
+    from oneencoder.training.curriculum.difficulty import compute_difficulty
+    from oneencoder.training.curriculum.report import write_report
 
     table = compute_difficulty(small_records, small_cache, stage_modalities, ["text_length", "pair_agreement"],
                                progress=False)
@@ -209,9 +209,9 @@ def test_a_rescored_table_stops_a_resume(small_manifest: Path, small_cache: Path
     """Trust weights come from the difficulty table; a run must not resume on a different one."""
     import shutil
 
-    from oneencoder.curriculum.difficulty import DifficultyTable, difficulty_path
+    from oneencoder.training.curriculum.difficulty import DifficultyTable, difficulty_path
     from oneencoder.errors import OneEncoderError
-    from oneencoder.stage import run_stage
+    from oneencoder.training.stage import run_stage
 
     cache = tmp_path / "cache"
     shutil.copytree(small_cache, cache)

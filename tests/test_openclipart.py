@@ -13,12 +13,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from oneencoder.cli.main import app
-from oneencoder.datasets import openclipart_build as build
-from oneencoder.datasets.corrupt import corrupt_rows
-from oneencoder.datasets.imagehash import distance, file_signature, is_near_duplicate, nearest_duplicates, signature
-from oneencoder.datasets.openclipart import (ID_PREFIX, SvgMetadata, UnsafeXMLError, build_caption,
-                                             read_svg_metadata)
-from oneencoder.manifest import caption_group, read_manifest
+from oneencoder.data.manifest import caption_group, read_manifest
+from oneencoder.data.sources import openclipart_build as build
+from oneencoder.data.sources.corrupt import corrupt_rows
+from oneencoder.data.sources.imagehash import distance, file_signature, is_near_duplicate, nearest_duplicates, signature
+from oneencoder.data.sources.openclipart import (ID_PREFIX, SvgMetadata, UnsafeXMLError, build_caption,
+                                                 read_svg_metadata)
 
 ROOT = Path("/usr/share/openclipart")
 PNG, SVG = ROOT / "png", ROOT / "svg"

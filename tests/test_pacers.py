@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from oneencoder.curriculum import pacers as pacers_module
-from oneencoder.curriculum.pacers import Pacer, create_pacer, list_pacers, register_pacer, schedule
 from oneencoder.errors import ConfigError
+from oneencoder.training.curriculum import pacers as pacers_module
+from oneencoder.training.curriculum.pacers import Pacer, create_pacer, list_pacers, register_pacer, schedule
 
 BUILTINS = ["anti", "geometric", "linear", "phases", "random", "root", "self_paced", "windows"]
 CUMULATIVE = [n for n in BUILTINS if n != "windows"]

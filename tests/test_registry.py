@@ -10,13 +10,13 @@ import pytest
 
 from oneencoder.errors import ConfigError
 from oneencoder.modality import (
-    Modality,
-    ModalitySpec,
-    create_modality,
-    get_modality_class,
-    list_modalities,
-    register_modality,
-)
+                                 Modality,
+                                 ModalitySpec,
+                                 create_modality,
+                                 get_modality_class,
+                                 list_modalities,
+                                 register_modality,
+                                 )
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -89,9 +89,9 @@ def test_builtins_are_found_through_their_entry_points() -> None:
 
 
 def test_one_registry_serves_losses_pacers_and_scorers() -> None:
-    from oneencoder.curriculum.pacers import PACERS
-    from oneencoder.curriculum.scorers import SCORERS
-    from oneencoder.losses import LOSSES
+    from oneencoder.training.curriculum.pacers import PACERS
+    from oneencoder.training.curriculum.scorers import SCORERS
+    from oneencoder.model.losses import LOSSES
     from oneencoder.modality import MODALITIES
     from oneencoder.registry import Registry
 
@@ -149,7 +149,7 @@ def test_namespaced_modalities_import_outside_checkout() -> None:
 
 def test_installed_package_works_outside_checkout() -> None:
     proc = _run_outside_checkout(
-        "import oneencoder; from oneencoder.config import load_stage; "
+        "import oneencoder; from oneencoder.training.config import load_stage; "
         "assert callable(oneencoder.load); print(load_stage('image_text').name)"
     )
     assert proc.returncode == 0, proc.stderr

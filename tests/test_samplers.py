@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from oneencoder.config import CurriculumConfig
-from oneencoder.curriculum.online import LossPredictor
-from oneencoder.curriculum.pacers import list_pacers
-from oneencoder.curriculum.samplers import (CurriculumBatchSampler, RandomBatchSampler, build_sampler,
-                                            mine_neighbours)
 from oneencoder.errors import ConfigError
+from oneencoder.training.config import CurriculumConfig
+from oneencoder.training.curriculum.online import LossPredictor
+from oneencoder.training.curriculum.pacers import list_pacers
+from oneencoder.training.curriculum.samplers import (CurriculumBatchSampler, RandomBatchSampler, build_sampler,
+                                                     mine_neighbours)
 
 N, B = 120, 12
 

@@ -11,26 +11,26 @@ import pytest
 import torch
 from PIL import Image
 
-from oneencoder.cache import FeatureCache, cache_dir_for
-from oneencoder.curriculum.difficulty import (
-    DifficultyTable,
-    compute_difficulty,
-    difficulty_path,
-    pooled_features,
-)
-from oneencoder.curriculum.scorers import (
-    IMAGE_MEASUREMENTS,
-    Scorer,
-    ScorerResult,
-    ScoringContext,
-    create_scorer,
-    knn_density,
-    list_scorers,
-    rank_normalise,
-    register_scorer,
-)
 from oneencoder.errors import ConfigError, OneEncoderError
+from oneencoder.features.cache import FeatureCache, cache_dir_for
 from oneencoder.modality import create_modality
+from oneencoder.training.curriculum.difficulty import (
+                                                       DifficultyTable,
+                                                       compute_difficulty,
+                                                       difficulty_path,
+                                                       pooled_features,
+                                                       )
+from oneencoder.training.curriculum.scorers import (
+                                                    IMAGE_MEASUREMENTS,
+                                                    Scorer,
+                                                    ScorerResult,
+                                                    ScoringContext,
+                                                    create_scorer,
+                                                    knn_density,
+                                                    list_scorers,
+                                                    rank_normalise,
+                                                    register_scorer,
+                                                    )
 
 BADGER = "A badger."
 LOONIE = "symbols/money/canadian/coins/100loonie"  # "A Canadian dollar ($1.00) called a loonie. It's named ..."

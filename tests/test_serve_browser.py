@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import oneencoder
+from oneencoder.apps.index_build import build_index, read_sources
 from oneencoder.fileio import write_jsonl_atomic
-from oneencoder.index_build import build_index, read_sources
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM.is_file() and DRIVER.is_file()),
@@ -30,7 +30,7 @@ K = 5
 @pytest.fixture(scope="module")
 def served(trained_model, small_records, tmp_path_factory):
     """The explorer over a 10-stamp image index and a caption index, served from a thread."""
-    from oneencoder.serve import bind, create_app, server
+    from oneencoder.apps.serve import bind, create_app, server
 
     root = tmp_path_factory.mktemp("serve")
     records = small_records[:10]

@@ -14,11 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from oneencoder.cli.main import app
-from oneencoder.datasets.chemicals import chemicals_records
-from oneencoder.datasets.pybullet_rgbd import rgbd_records
-from oneencoder.datasets.pybullet_video import video_records
+from oneencoder.data.sources.chemicals import chemicals_records
+from oneencoder.data.sources.pybullet_rgbd import rgbd_records
+from oneencoder.data.sources.pybullet_video import video_records
 from oneencoder.fileio import sha256_file, write_jsonl_atomic
-from oneencoder.progressive import add_modality
+from oneencoder.training.add_modality import add_modality
 
 SIX = ["image", "text", "audio", "molecule", "depth", "video"]
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import oneencoder.metrics as metrics_module
+import oneencoder.evaluation.metrics as metrics_module
 from oneencoder.errors import OneEncoderError
-from oneencoder.evaluate import retrieval_between
-from oneencoder.metrics import (chance_metrics, chance_metrics_from_counts, mean_pair_score, relevant_counts,
-                                retrieval_metrics, retrieval_metrics_by_group)
-from oneencoder.search import topk_search
+from oneencoder.evaluation.metrics import (chance_metrics, chance_metrics_from_counts, mean_pair_score, relevant_counts,
+                                           retrieval_metrics, retrieval_metrics_by_group)
+from oneencoder.evaluation.retrieval import retrieval_between
+from oneencoder.evaluation.topk import topk_search
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 

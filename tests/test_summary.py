@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from oneencoder.checkpoint import load_model
-from oneencoder.evaluate import evaluate_samples
-from oneencoder.summary import format_results, model_results, write_results
+from oneencoder.evaluation.retrieval import evaluate_samples
+from oneencoder.evaluation.summary import format_results, model_results, write_results
+from oneencoder.model.checkpoint import load_model
 
 
 def test_subsets_are_scored_on_their_own(trained_model: dict[str, Any], small_records: list[dict],

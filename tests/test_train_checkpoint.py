@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 import oneencoder
-from oneencoder.cache import FeatureCache, cache_dir_for
-from oneencoder.checkpoint import META, PROJECTION, adapter_file, load_model, read_meta, save_model
-from oneencoder.config import TrainConfig
-from oneencoder.curriculum import RandomBatchSampler
 from oneencoder.errors import ChecksumError, OneEncoderError
-from oneencoder.stage import run_stage
-from oneencoder.train import Trainer, lr_at
+from oneencoder.features.cache import FeatureCache, cache_dir_for
+from oneencoder.model.checkpoint import META, PROJECTION, adapter_file, load_model, read_meta, save_model
+from oneencoder.training.config import TrainConfig
+from oneencoder.training.curriculum import RandomBatchSampler
+from oneencoder.training.stage import run_stage
+from oneencoder.training.trainer import Trainer, lr_at
 
 pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
 
@@ -317,8 +317,8 @@ def test_stage_summary_reports_chance(trained_model, small_records) -> None:
 
 def test_overwriting_stage1_with_another_config_records_the_new_one(small_manifest, small_cache, make_config,
                                                                     tmp_path: Path) -> None:
-    from oneencoder.checkpoint import read_meta
-    from oneencoder.stage import run_stage
+    from oneencoder.model.checkpoint import read_meta
+    from oneencoder.training.stage import run_stage
 
     model_dir = tmp_path / "model"
     run_stage(make_config(small_manifest, small_cache, epochs=1, sections={"model": {"language_prior": 0.0}}),
@@ -342,9 +342,9 @@ def test_init_from_fine_tunes_stage1_from_another_model(trained_model, small_man
     """--init-from starts from the source's weights: with a vanishing learning rate they barely move."""
     from safetensors.torch import load_file
 
-    from oneencoder.checkpoint import read_meta
+    from oneencoder.model.checkpoint import read_meta
     from oneencoder.errors import ConfigError
-    from oneencoder.stage import run_stage
+    from oneencoder.training.stage import run_stage
 
     source = trained_model["dir"]
     config = make_config(small_manifest, small_cache, epochs=1, sections={"train": {"lr": 1e-9}})

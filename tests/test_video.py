@@ -14,11 +14,11 @@ pytest.importorskip("pybullet")
 av = pytest.importorskip("av")
 
 import oneencoder.modalities.video  # noqa: F401, E402  (registers "video")
-from oneencoder.cache import FeatureCache, build_cache, cache_dir_for, rejects_path  # noqa: E402
-from oneencoder.datasets import pybullet_video as pv  # noqa: E402
-from oneencoder.datasets.pybullet_scenes import CATALOG  # noqa: E402
+from oneencoder.data.manifest import caption_group  # noqa: E402
+from oneencoder.data.sources import pybullet_video as pv  # noqa: E402
+from oneencoder.data.sources.pybullet_scenes import CATALOG  # noqa: E402
 from oneencoder.errors import ConfigError, OneEncoderError, SampleError  # noqa: E402
-from oneencoder.manifest import caption_group  # noqa: E402
+from oneencoder.features.cache import FeatureCache, build_cache, cache_dir_for, rejects_path  # noqa: E402
 from oneencoder.modalities.video import VideoClip, sample_indices  # noqa: E402
 from oneencoder.modality import create_modality  # noqa: E402
 

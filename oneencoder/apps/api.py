@@ -1,0 +1,201 @@
+"""The application API: ``m = oneencoder.load(dir); m.encode("text", ["a badger"])``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from ..progress import progress_bar
+
+from ..errors import OneEncoderError, SampleError
+from ..features.inputs import as_batch
+from ..modality import Modality
+from ..model.checkpoint import load_model, modality_from_meta
+from ..runtime import pick_device
+from .index import VectorIndex, model_space
+from .zeroshot import Classification, classify
+
+# ``progress=None`` shows a bar once the inputs span more than this many batches.
+_PROGRESS_MIN_BATCHES = 8
+
+
+def _reason(where: str, error: Exception) -> str:
+    """One line naming the input: a ``SampleError``'s own text, else the exception's type and first line.
+
+    A modality's loader may fail in ways it did not foresee (a decoder's own error type,
+    ``MemoryError``): that is still this input's problem, as in a cache build.
+    """
+    if isinstance(error, SampleError):
+        text = str(error)
+    else:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = f"cannot read it ({type(error).__name__}{': ' + first if first else ''})"
+    return text if text.startswith(where) else f"{where}: {text}"
+
+
+def _default_id(x: Any, i: int) -> str:
+    return str(x) if isinstance(x, (str, os.PathLike)) else str(i)
+
+
+class OneEncoder:
+    """A trained model directory, ready to embed any modality it holds.
+
+    Backbones load lazily, the first time a modality is encoded.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = pick_device("auto" if device is None else str(device))
+        self.model, self.meta = load_model(self.model_dir)
+        self.model.to(self.device).eval()
+        self._modalities: dict[str, Modality] = {}
+        self._backbones: dict[str, torch.nn.Module] = {}
+
+    @property
+    def modalities(self) -> list[str]:
+        """Names of the modalities this model can embed."""
+        return list(self.meta["modalities"])
+
+    def modality(self, name: str) -> Modality:
+        if name not in self.meta["modalities"]:
+            raise OneEncoderError(f"this model holds no {name!r} modality; it has {', '.join(self.modalities)}")
+        if name not in self._modalities:
+            self._modalities[name] = modality_from_meta(name, self.meta["modalities"][name])
+        return self._modalities[name]
+
+    def _backbone(self, name: str) -> torch.nn.Module:
+        if name not in self._backbones:
+            self._backbones[name] = self.modality(name).load_backbone().to(self.device)
+        return self._backbones[name]
+
+    @torch.no_grad()
+    def encode_features(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed cached backbone features ``[B, T, D]`` (mask ``[B, T]``, True = real token)."""
+        self.modality(modality)
+        if tokens.ndim == 2:
+            tokens = tokens[None]
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        return self.model(modality, tokens.float().to(self.device), mask.bool().to(self.device)).float().cpu()
+
+    def _embed(self, modality: str, inputs: Any, batch_size: int, progress: bool | None,
+               on_error: Callable[[int, Any, str], None] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Embed ``inputs`` in batches: ``([n_kept, d] on the CPU, positions kept)``.
+
+        A bad input raises ``SampleError`` naming it, or, with ``on_error``, is passed to
+        ``on_error(position, input, reason)`` and left out.
+        """
+        m = self.modality(modality)
+        items = as_batch(inputs, m.input_ndim)
+        if batch_size < 1:
+            raise OneEncoderError(f"batch_size must be >= 1, got {batch_size}")
+        backbone = self._backbone(modality)
+        # None: a bar only for inputs that take a while, and only on a terminal.
+        long = len(items) > _PROGRESS_MIN_BATCHES * batch_size
+        shown = (None if long else False) if progress is None else progress
+        bar = progress_bar(total=len(items), desc=f"encode {modality}", unit=modality, enabled=shown)
+        out, kept = [], []
+        with bar:
+            for start in range(0, len(items), batch_size):
+                prepared = []
+                for i, x in enumerate(items[start : start + batch_size], start):
+                    where = f"{modality} input #{i}"
+                    try:
+                        prepared.append(m.prepare(x)[1])
+                        kept.append(i)
+                    except Exception as e:  # noqa: BLE001 - one bad input is a reject, never an abort
+                        if isinstance(e, OneEncoderError) and not isinstance(e, SampleError):
+                            raise  # a missing dependency or a bad option is the job's problem
+                        reason = _reason(where, e)
+                        if on_error is None:
+                            raise SampleError(reason) from (None if isinstance(e, SampleError) else e)
+                        on_error(i, x, reason)
+                if prepared:
+                    tokens, mask = m.featurize(backbone, prepared)
+                    out.append(self.encode_features(modality, tokens, mask))
+                bar.update(min(batch_size, len(items) - start))
+        emb = torch.cat(out) if out else torch.empty(0, self.model.embed_dim)
+        return emb, kept
+
+    @torch.no_grad()
+    def encode(self, modality: str, inputs: Any, batch_size: int = 32, progress: bool | None = None,
+               numpy: bool = False) -> torch.Tensor | np.ndarray:
+        """Embed raw inputs into the shared space.
+
+        Args:
+            modality: One of :attr:`modalities`.
+            inputs: One input or a batch: strings (text, SMILES); file paths; PIL images or
+                image arrays (numpy ``HWC``/``HW`` uint8 or floats in [0, 1], tensors ``CHW``;
+                ``[N, ...]`` for a batch); waveforms (``(wave, sample_rate)``, or 1-D at
+                44.1 kHz; ``[N, samples]`` for a batch); depth maps ``[H, W]`` in metres
+                (``[N, H, W]``); video frames ``[T, H, W, 3]`` or ``(frames, fps)``.
+            batch_size: Inputs per backbone forward.
+            progress: Show a progress bar; None shows one for inputs longer than a few batches.
+            numpy: Return a float32 numpy array instead of a tensor.
+
+        Returns:
+            ``[N, d]`` L2-normalised embeddings on the CPU.
+
+        Raises:
+            SampleError: naming the input that could not be read: an unreadable or closed
+                image, an empty (0x0) one, a ``meta`` tensor, an input over a modality's
+                size limit (docs/reliability.md), or any other failure to load it.
+        """
+        emb, _ = self._embed(modality, inputs, batch_size, progress)
+        return emb.numpy().astype(np.float32, copy=False) if numpy else emb
+
+    def index(self, modality: str, inputs: Any, ids: Sequence[str] | None = None, batch_size: int = 32,
+              progress: bool | None = None, kind: str = "auto") -> VectorIndex:
+        """Embed ``inputs`` into a searchable index (exact for small sets, ANN above a size threshold).
+
+        Example:
+            >>> idx = m.index("image", paths)
+            >>> hits = idx.search(m.encode("text", ["A badger."]), k=5)
+
+        Args:
+            ids: One id per input (default: the input itself for strings and paths, else its position).
+            kind: ``"auto"``, ``"exact"`` or ``"ivf"`` (see :mod:`oneencoder.apps.index`).
+        """
+        items = as_batch(inputs, self.modality(modality).input_ndim)
+        if ids is not None and len(ids) != len(items):
+            raise OneEncoderError(f"index: {len(ids)} ids for {len(items)} inputs")
+        emb, _ = self._embed(modality, items, batch_size, progress)
+        rows = [{"id": str(ids[i]) if ids is not None else _default_id(x, i),
+                 **({"input": str(x)} if isinstance(x, (str, os.PathLike)) else {})} for i, x in enumerate(items)]
+        return VectorIndex(emb.numpy(), rows, modality, model_space(self.meta, modality), kind=kind)
+
+    def classify(self, modality: str, inputs: Any, labels: Sequence[str], template: str | Sequence[str] = "{}",
+                 k: int = 5, temperature: float = 0.01, batch_size: int = 32,
+                 progress: bool | None = None) -> Classification:
+        """Zero-shot classification: each input against ``template.format(label)`` for every label.
+
+        Args:
+            labels: Class names, e.g. ``["animals", "vehicles"]``.
+            template: ``"A picture of {}."``; a list of templates averages their text embeddings
+                per label (prompt ensembling, as CLIP does).
+            k: Labels kept per input in :attr:`Classification.top`.
+            temperature: Softmax temperature of :attr:`Classification.probs` (CLIP's logit scale
+                100 is 0.01); the ranking is the cosine's either way.
+        """
+        return classify(self, modality, inputs, labels, template, k=k, temperature=temperature,
+                        batch_size=batch_size, progress=progress)
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity matrix ``[len(a), len(b)]`` of two sets of embeddings."""
+        return a @ b.t()
+
+    def __repr__(self) -> str:
+        return f"OneEncoder({str(self.model_dir)!r}, modalities={self.modalities}, d={self.model.embed_dim})"
+
+
+def load(model_dir: str | Path, device: str | torch.device | None = None) -> OneEncoder:
+    """Load a model directory after verifying every file's checksum.
+
+    Raises:
+        ConfigError: ``device`` is not one this machine has (e.g. ``"cuda"`` without a GPU).
+    """
+    return OneEncoder(model_dir, device)

@@ -1,0 +1,135 @@
+"""Zero-shot retrieval evaluation between every pair of modalities a model holds."""
+
+from __future__ import annotations
+
+from itertools import permutations
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import OneEncoderError
+from ..features.bank import FeatureBank
+from ..features.cache import FeatureCache, cache_dir_for
+from ..modality import Modality
+from ..model.parts import OneEncoderModel
+from .metrics import chance_metrics_from_counts, mean_pair_score, relevant_counts, retrieval_metrics_by_group
+
+
+@torch.no_grad()
+def embed_bank(model: OneEncoderModel, modality: str, bank: FeatureBank, batch_size: int = 256) -> torch.Tensor:
+    """Embed every sample of a bank: ``[N, d]``, unit norm."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(bank), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(bank)))
+        tokens, mask = bank.gather(index)
+        out.append(model(modality, tokens.to(device), mask.to(device)).float())
+    return torch.cat(out)
+
+
+def _first_of_each_group(groups: list[str]) -> list[int]:
+    seen: set[str] = set()
+    keep = []
+    for i, g in enumerate(groups):
+        if g not in seen:
+            seen.add(g)
+            keep.append(i)
+    return keep
+
+
+def _rows(emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``emb[index]``, without a copy when ``index`` takes every row in order (big galleries)."""
+    if index.numel() == emb.shape[0] and bool((index == torch.arange(emb.shape[0])).all()):
+        return emb
+    return emb[index.to(emb.device)]
+
+
+def retrieval_between(
+    emb_q: torch.Tensor, groups_q: list[str], emb_g: torch.Tensor, groups_g: list[str],
+    dedupe_q: bool = False, dedupe_g: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Rank gallery for each query; items of the same group are all relevant.
+
+    Streamed (:func:`oneencoder.evaluation.metrics.retrieval_metrics_by_group`): memory grows with
+    the gallery, never with queries x gallery. Queries without any relevant gallery item
+    are left out. With ``dedupe_*``, identical items (e.g. one caption shared by many
+    coins) count once.
+    """
+    qi = _first_of_each_group(groups_q) if dedupe_q else list(range(len(groups_q)))
+    gi = _first_of_each_group(groups_g) if dedupe_g else list(range(len(groups_g)))
+    gq, gg = [groups_q[i] for i in qi], [groups_g[i] for i in gi]
+    codes = {g: n for n, g in enumerate(sorted(set(gq) | set(gg)))}
+    cq = torch.tensor([codes[g] for g in gq], dtype=torch.long)
+    cg = torch.tensor([codes[g] for g in gg], dtype=torch.long)
+    counts = relevant_counts(cq, cg)
+    has = (counts > 0).nonzero().squeeze(1)
+    if has.numel() == 0:
+        raise OneEncoderError("no query has a relevant gallery item; are both modalities from the same samples?")
+    queries = _rows(emb_q, torch.tensor(qi, dtype=torch.long)[has])
+    gallery = _rows(emb_g, torch.tensor(gi, dtype=torch.long))
+    metrics = retrieval_metrics_by_group(queries, gallery, cq[has], cg)
+    chance = chance_metrics_from_counts(counts[has], len(gi))
+    # Cosine of true pairs; its "chance" is the mean cosine of all pairs.
+    chance["mean_pos_cos"] = mean_pair_score(queries, gallery)
+    return {"metrics": metrics, "chance": chance}
+
+
+def evaluate_samples(
+    model: OneEncoderModel,
+    modalities: dict[str, Modality],
+    records: list[dict],
+    cache_root: str | Path,
+    split: str = "test",
+    batch_size: int = 256,
+    subset_key: str = "heldout",
+) -> dict[str, Any]:
+    """Retrieval in every direction between the given modalities on one split.
+
+    Samples missing from a modality's cache (rejected, or without that field) are
+    left out of the pairs involving that modality only. If records carry
+    ``subset_key`` (e.g. ``heldout: "object"`` vs ``"pose"``), each subset is also
+    scored on its own, queries and gallery both restricted to it, under ``subsets``.
+    """
+    rows = [r for r in records if r.get("split") == split]
+    if not rows:
+        raise OneEncoderError(f"the manifest has no {split!r} samples")
+    embedded: dict[str, tuple[torch.Tensor, list[str], list[str]]] = {}
+    for name, modality in modalities.items():
+        path = cache_dir_for(cache_root, name)
+        with FeatureCache(path, modality.fingerprint(), readonly=True) as cache:
+            have = cache.ids()
+            kept = [r for r in rows if r["id"] in have]
+            if not kept:
+                continue
+            bank = FeatureBank.from_cache(cache, [r["id"] for r in kept])
+        embedded[name] = (embed_bank(model, name, bank, batch_size), [r.get("group", r["id"]) for r in kept],
+                          [r["id"] for r in kept])
+    results: dict[str, Any] = {"split": split, "directions": _directions(embedded, modalities)}
+    subsets = sorted({str(r[subset_key]) for r in rows if r.get(subset_key) is not None})
+    if subsets:
+        results["subsets"] = {}
+        for value in subsets:
+            ids = {r["id"] for r in rows if str(r.get(subset_key)) == value}
+            part = {}
+            for name, (emb, groups, kept_ids) in embedded.items():
+                index = [i for i, sid in enumerate(kept_ids) if sid in ids]
+                if index:
+                    part[name] = (emb[index], [groups[i] for i in index], [kept_ids[i] for i in index])
+            results["subsets"][value] = _directions(part, modalities)
+    return results
+
+
+def _directions(embedded: dict[str, tuple[torch.Tensor, list[str], list[str]]],
+                modalities: dict[str, Modality]) -> dict[str, Any]:
+    """Every direction between embedded modalities; pairs with no relevant item are left out."""
+    out: dict[str, Any] = {}
+    for a, b in permutations(embedded, 2):
+        (ea, ga, _), (eb, gb, _) = embedded[a], embedded[b]
+        if not set(ga) & set(gb):
+            continue  # e.g. a subset holding only one of the two modalities' samples
+        out[f"{a}→{b}"] = {
+            **retrieval_between(ea, ga, eb, gb, modalities[a].spec.dedupe_in_eval, modalities[b].spec.dedupe_in_eval),
+            "n_query_samples": len(ga),
+        }
+    return out
