@@ -32,7 +32,8 @@ def fp16_ulp(x: torch.Tensor) -> torch.Tensor:
 
 def feature_mismatch(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> str | None:
     """None if ``a`` and ``b`` hold the same features to within fp16 rounding, else why not."""
-    a, b = (x if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x)) for x in (a, b))  # copies read-only arrays
+    # torch.tensor copies: cache bytes come as read-only arrays, which as_tensor would only warn about.
+    a, b = (x if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x)) for x in (a, b))
     if a.shape != b.shape:
         return f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
     if a.dtype != b.dtype:
