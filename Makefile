@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STAMPS_DIR := /usr/share/tuxpaint/stamps
 OPENCLIPART_DIR := /usr/share/openclipart
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+EMOJIONE_DIR := /usr/share/rubygems-integration/all/gems/gemojione-3.3.0/assets/png
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -35,12 +37,16 @@ $(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt 
 # Debian data packages (real data, read in place, never copied into the repo).
 # libcairo2 renders the SVG stamps (through cairosvg). openclipart-png/-svg (public domain)
 # are the noisy image-text data of `oneencoder data openclipart` (docs/openclipart.md).
+# fonts-noto-color-emoji (OFL) and ruby-gemojione (EmojiOne art, CC-BY-SA-4.0) are the two emoji
+# art styles of `oneencoder data emoji` (docs/emoji.md).
 # chromium + chromium-driver: the headless browser of tests/test_serve_browser.py (nothing downloads one).
 system-deps:
 	@missing=""; \
 	[ -d $(STAMPS_DIR) ] || missing="$$missing tuxpaint-stamps-default"; \
 	[ -d $(OPENCLIPART_DIR)/png ] || missing="$$missing openclipart-png"; \
 	[ -d $(OPENCLIPART_DIR)/svg ] || missing="$$missing openclipart-svg"; \
+	[ -f $(EMOJI_FONT) ] || missing="$$missing fonts-noto-color-emoji"; \
+	[ -d $(EMOJIONE_DIR) ] || missing="$$missing ruby-gemojione"; \
 	ldconfig -p | grep -q 'libcairo.so.2 ' || missing="$$missing libcairo2"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \

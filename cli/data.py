@@ -11,6 +11,7 @@ from typing import Callable, List, Optional
 import typer
 
 from oneencoder.data.manifest import write_manifest
+from oneencoder.data.sources.emoji import EMOJIONE_ROOT, NOTO_FONT as EMOJI_FONT
 from oneencoder.data.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from oneencoder.data.sources.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
 from oneencoder.fileio import ensure_writable
@@ -67,6 +68,15 @@ def build_openclipart(out: Path, root: Path = OPENCLIPART_ROOT, tuxpaint_root: P
 
     report = run_build(out, root, tuxpaint_root, limit=limit, with_tuxpaint=with_tuxpaint)
     echo(report.summary())
+    return out
+
+
+def build_emoji(out: Path, font: Path = EMOJI_FONT, emojione_root: Path = EMOJIONE_ROOT,
+                tuxpaint_root: Path = DEFAULT_ROOT, limit: Optional[int] = None) -> Path:
+    """Emoji in two art styles (Noto rendered, EmojiOne held out as test); prints the summary."""
+    from oneencoder.data.sources.emoji import build_emoji as run_build
+
+    echo(run_build(out, font, emojione_root, tuxpaint_root, limit=limit).summary())
     return out
 
 
@@ -190,6 +200,33 @@ def openclipart(
     """
     ensure_writable(out)  # before reading and decoding the data
     build_openclipart(out, root, tuxpaint_root, limit, with_tuxpaint)
+
+
+@app.command("emoji")
+@user_errors
+def emoji(
+    out: Path = typer.Option(Path("outputs/emoji/manifest.jsonl"), "--out", "-o",
+                             help="Manifest to write; Noto images go to <out folder>/images/, side files "
+                                  "<out stem>.rejects.jsonl, .tuxpaint_matches.jsonl and .stats.json beside it."),
+    font: Path = typer.Option(EMOJI_FONT, help="Noto Color Emoji font (Debian fonts-noto-color-emoji)."),
+    emojione_root: Path = typer.Option(EMOJIONE_ROOT, "--emojione-root",
+                                       help="Folder of EmojiOne <codepoints>.png files (Debian ruby-gemojione)."),
+    tuxpaint_root: Path = typer.Option(DEFAULT_ROOT, "--tuxpaint-root",
+                                       help="Tux Paint stamps folder (its val/test captions are never trained on)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N emoji (sorted by code point)."),
+) -> None:
+    """Emoji image-caption pairs in two art styles; one style is held out as test data.
+
+    Noto Color Emoji images are drawn with Pillow (train/val/test by caption hash);
+    EmojiOne images are read in place and are test only, for the test emoji, marked
+    `heldout: "style"` (Noto test rows: `heldout: "concept"`). Captions are the emoji's
+    CLDR name as a sentence ("Red apple."); its aliases are kept as `keywords`.
+    Skin-tone variants are left out. Rerunning reuses the drawn images.
+
+    Example:  oneencoder data emoji --out outputs/emoji/manifest.jsonl
+    """
+    ensure_writable(out)  # before reading and drawing the data
+    build_emoji(out, font, emojione_root, tuxpaint_root, limit)
 
 
 @app.command("corrupt")

@@ -1,11 +1,13 @@
 """Builders that write JSONL manifests from real, locally installed data."""
 
 # What each held-out subset means (values of a test record's ``heldout`` field, written by
-# the pybullet builders), in report order.
+# the pybullet and emoji builders), in report order.
 HELDOUT_LABELS = {
     "all": "test split",
     "pose": "new poses of seen objects",
     "object": "unseen objects",
     "seen_combo": "new clips of seen action-object combos",
     "combo": "unseen action-object combos",
+    "concept": "unseen emoji in a seen art style",
+    "style": "unseen emoji in an unseen art style",
 }
