@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
 
 import typer
 
 from oneencoder.errors import OneEncoderError
 from oneencoder.fileio import storage_errno, storage_error
 from oneencoder.progress import status
+
+if TYPE_CHECKING:
+    from oneencoder.apps.api import OneEncoder
+    from oneencoder.features.lookup import CachedFeatures
+    from oneencoder.training.prepare import PreparedStage
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -115,3 +121,25 @@ def echo(msg: str = "") -> None:
 def note(msg: str) -> None:
     """A status line on stderr (a step begins, a sample was skipped); ``--quiet`` drops it."""
     status(msg)
+
+
+CACHE_DIR_HELP = ("Feature cache to take backbone features from, for inputs it holds (default: <manifest "
+                  "folder>/cache, else the cache the model was trained on).")
+NO_CACHE_HELP = "Encode every input, even those a feature cache holds."
+
+
+def prepared_model(prepared: "PreparedStage", device: Optional[str] = None) -> "OneEncoder":
+    """The inference API over the model ``prepare_stage`` loaded (not read twice)."""
+    from oneencoder.apps.api import OneEncoder
+
+    return OneEncoder.from_loaded(prepared.model_dir, prepared.model, prepared.meta, device, prepared.modalities)
+
+
+@contextlib.contextmanager
+def input_cache(prepared: "PreparedStage", modality: str, off: bool) -> Iterator[Optional["CachedFeatures"]]:
+    """The cached features of ``modality`` for ``--cache-dir`` (None with ``--no-cache``), closed afterwards."""
+    if off:
+        yield None
+        return
+    with prepared.cached(modality) as cache:
+        yield cache

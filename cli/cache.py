@@ -7,15 +7,13 @@ from typing import Optional
 
 import typer
 
-from oneencoder.data.manifest import read_manifest
-from oneencoder.features.cache import build_cache, rejects_path
+from oneencoder.features.cache import rejects_path
 from oneencoder.features.shards import Shard, merge_shards
 from oneencoder.features.workers import default_workers
 from oneencoder.runtime import pick_device
-from oneencoder.training.config import load_stage
-from oneencoder.training.pairs import stage_modalities
+from oneencoder.training.prepare import prepare_stage
 
-from ._common import data_overrides, echo, quiet_libraries, user_errors
+from ._common import echo, quiet_libraries, user_errors
 
 app = typer.Typer(help="Build and inspect feature caches.", no_args_is_help=True)
 
@@ -44,17 +42,11 @@ def build(
     """
     quiet_libraries()
     part = Shard.parse(shard) if shard is not None else Shard.from_env()
-    config = load_stage(stage, {"data": data_overrides(manifest, cache_dir)})
-    records = read_manifest(config.data.manifest)
+    prepared = prepare_stage(stage, manifest=manifest, cache_dir=cache_dir, build_caches=False)
     where = pick_device(device)
     n_workers = default_workers(where) if workers is None else workers
-    for name, modality in stage_modalities(config).items():
-        report = build_cache(modality, records, config.data.cache_dir, batch_size=batch_size,
-                             num_workers=n_workers, device=where, shard=part)
-        echo((f"shard {part}: " if part else "") + report.summary())
-        if report.rejects:
-            root = part.root(config.data.cache_dir) if part else config.data.cache_dir
-            echo(f"  rejects: {rejects_path(root, name)}")
+    prepared.build_caches(batch_size=batch_size, workers=n_workers, device=where, shard=part, log=echo)
+    config = prepared.config
     if part is not None:
         echo(f"when all {part.count} shards are built: oneencoder cache merge --stage {stage} "
              f"--cache-dir {config.data.cache_dir}")
@@ -76,10 +68,9 @@ def merge(
     Example:  oneencoder cache merge --stage image_text
     """
     quiet_libraries()
-    config = load_stage(stage, {"data": data_overrides(None, cache_dir)})
-    for name, modality in stage_modalities(config).items():
-        report = merge_shards(name, modality.fingerprint(), config.data.cache_dir, count=shards,
-                              remove=remove_shards)
+    prepared = prepare_stage(stage, cache_dir=cache_dir, build_caches=False, need_records=False)
+    for name, modality in prepared.modalities.items():
+        report = merge_shards(name, modality.fingerprint(), prepared.cache_dir, count=shards, remove=remove_shards)
         echo(report.summary())
         if report.rejects:
-            echo(f"  rejects: {rejects_path(config.data.cache_dir, name)}")
+            echo(f"  rejects: {rejects_path(prepared.cache_dir, name)}")

@@ -7,11 +7,12 @@ from typing import List, Optional
 
 import typer
 
-import oneencoder
 from oneencoder.errors import OneEncoderError
 from oneencoder.evaluation.metrics import format_number
+from oneencoder.training.prepare import prepare_stage
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import (CACHE_DIR_HELP, NO_CACHE_HELP, echo, input_cache, note, prepared_model, quiet_libraries,
+                      user_errors)
 from .search import strict_json
 
 
@@ -38,6 +39,8 @@ def classify(
     k: int = typer.Option(3, "--k", "-k", min=1, help="Labels shown per input."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
 ) -> None:
     """Score each input against every label's prompt; print the top k with cosine and probability.
 
@@ -46,8 +49,13 @@ def classify(
     """
     quiet_libraries()
     names = _labels(labels, labels_file)
-    m = oneencoder.load(model, device=device)
-    result = m.classify(modality, list(inputs), names, template=template if len(template) > 1 else template[0], k=k)
+    prepared = prepare_stage(model_dir=model, cache_dir=cache_dir, modalities=[modality], build_caches=False)
+    m = prepared_model(prepared, device)
+    with input_cache(prepared, modality, no_cache) as cache:
+        result = m.classify(modality, list(inputs), names, template=template if len(template) > 1 else template[0],
+                            k=k, cache=cache)
+    if cache is not None and not as_json:  # --json: stdout and stderr together stay one JSON object
+        note(cache.summary())
     if as_json:
         echo(strict_json({"modality": modality, "labels": result.labels, "template": template,
                           "results": [{"input": x, "top": top} for x, top in zip(inputs, result.to_json())]}))

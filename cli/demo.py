@@ -8,11 +8,9 @@ from pathlib import Path
 import typer
 
 from oneencoder.data.sources.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
-from oneencoder.features.cache import build_cache, rejects_path
 from oneencoder.fileio import write_jsonl_atomic
 from oneencoder.runtime import pick_device
-from oneencoder.training.config import load_stage
-from oneencoder.training.pairs import stage_modalities
+from oneencoder.training.prepare import prepare_stage
 from oneencoder.training.stage import run_stage
 
 from ._common import echo, note, quiet_libraries, user_errors
@@ -53,11 +51,10 @@ def run_stage1(out: Path, root: Path = DEFAULT_ROOT, stage: str = "image_text", 
     records = tuxpaint_records(root)
     write_jsonl_atomic(manifest, records)
     note("  " + ", ".join(f"{k}={v}" for k, v in summarize(records).items()))
-    config = load_stage(stage, {"data": {"manifest": str(manifest), "cache_dir": str(cache_dir)}})
     note(f"{step.format(i=2)} feature cache (each frozen backbone runs once per sample)")
-    for name, modality in stage_modalities(config).items():
-        report = build_cache(modality, records, cache_dir, num_workers=workers, device=pick_device("auto"))
-        note(f"  {report.summary()}" + (f" -> {rejects_path(cache_dir, name)}" if report.rejects else ""))
+    prepared = prepare_stage(stage, model_dir=model_dir, manifest=manifest, cache_dir=cache_dir, workers=workers,
+                             device=pick_device("auto"), log=lambda line: note(f"  {line}"))
+    config = prepared.config
     note(f"{step.format(i=3)} train stage {config.name} -> {model_dir}")
     summary = run_stage(config, model_dir, resume=True, overwrite=True, restart_if_changed=True)
     note(f"  best epoch {summary['best_epoch']} of {summary['epochs_run']} ({summary['train_seconds']} s)")

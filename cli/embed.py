@@ -8,12 +8,13 @@ from typing import List, Optional
 import numpy as np
 import typer
 
-import oneencoder
 from oneencoder.errors import OneEncoderError
 from oneencoder.evaluation.metrics import format_number
 from oneencoder.fileio import atomic_path, ensure_writable, not_utf8, write_json_atomic
+from oneencoder.training.prepare import prepare_stage
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import (CACHE_DIR_HELP, NO_CACHE_HELP, echo, input_cache, note, prepared_model, quiet_libraries,
+                      user_errors)
 
 
 def read_lines(path: Path, option: str) -> list[str]:
@@ -39,6 +40,8 @@ def embed(
     from_file: Optional[Path] = typer.Option(None, "--from-file", "-f", help="Read inputs one per line."),
     out: Path = typer.Option(Path("embeddings.npy"), "--out", "-o", help="Output .npy (N x d, float32)."),
     query: Optional[str] = typer.Option(None, help="Also rank the inputs against this text query."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
 ) -> None:
     """Embed inputs; writes <out> and <out>.json listing the inputs in row order.
 
@@ -52,8 +55,12 @@ def embed(
         raise OneEncoderError("no inputs: pass them as arguments or with --from-file")
     ensure_writable(out)  # before loading backbones and embedding
     ensure_writable(out.with_suffix(out.suffix + ".json"))
-    m = oneencoder.load(model)
-    emb = m.encode(modality, items)
+    prepared = prepare_stage(model_dir=model, cache_dir=cache_dir, modalities=[modality], build_caches=False)
+    m = prepared_model(prepared)
+    with input_cache(prepared, modality, no_cache) as cache:
+        emb = m.encode(modality, items, cache=cache)
+    if cache is not None:
+        note(cache.summary())
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, emb.numpy().astype(np.float32))

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-import oneencoder
 from oneencoder.apps.index import KINDS
 from oneencoder.apps.index_build import build_index, read_sources
 from oneencoder.errors import OneEncoderError
+from oneencoder.training.prepare import prepare_stage
 
-from ._common import echo, quiet_libraries, user_errors
+from ._common import CACHE_DIR_HELP, NO_CACHE_HELP, echo, input_cache, prepared_model, quiet_libraries, user_errors
 
 app = typer.Typer(help="Vector indexes for `oneencoder search` and `oneencoder serve`.", no_args_is_help=True)
 
@@ -32,8 +33,13 @@ def build(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an index already at --out."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted build."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
+    no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
 ) -> None:
     """Embed every input and write vectors, items, the model's checksums and rejects to --out.
+
+    Inputs the feature cache holds (same backbone, same file or text) are embedded from their
+    cached features instead of being encoded again; the last line says how many.
 
     Example:  oneencoder index build --model outputs/demo/model --modality image
     --data outputs/demo/manifest.jsonl --out outputs/demo/index-image
@@ -41,10 +47,15 @@ def build(
     quiet_libraries()
     if kind not in KINDS:
         raise OneEncoderError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
-    m = oneencoder.load(model, device=device)
-    m.modality(modality)  # one line if the model lacks it, before reading the data
-    sources, without = read_sources(data, modality)
-    report = build_index(m, modality, sources, out, kind=kind, batch_size=batch_size, progress=progress,
-                         resume=resume, overwrite=overwrite, extra={"data": str(data.resolve())})
+    manifest = data if data.suffix.lower() == ".jsonl" and data.is_file() else None
+    prepared = prepare_stage(model_dir=model, manifest=manifest, cache_dir=cache_dir, modalities=[modality],
+                             build_caches=False)
+    m = prepared_model(prepared, device)
+    sources, without = read_sources(data, modality, prepared.records if manifest else None)
+    with input_cache(prepared, modality, no_cache) as cache:
+        report = build_index(m, modality, sources, out, kind=kind, batch_size=batch_size, progress=progress,
+                             resume=resume, overwrite=overwrite, extra={"data": str(data.resolve())}, cache=cache)
     report.without_input = without
     echo(report.summary())
+    if cache is not None:
+        echo(cache.summary())

@@ -11,7 +11,7 @@ import typer
 from oneencoder.errors import OneEncoderError
 from oneencoder.evaluation.metrics import format_number
 from oneencoder.model.checkpoint import modality_from_meta, read_meta, verify_files
-from oneencoder.training.config import projection_from_dict
+from oneencoder.model.parts import projection_from_dict
 
 from ._common import echo, user_errors
 

@@ -8,10 +8,13 @@ from typing import Optional
 import typer
 
 from oneencoder.evaluation.metrics import format_table
-from oneencoder.training.config import load_stage
+from oneencoder.features.workers import default_workers
+from oneencoder.runtime import pick_device
+from oneencoder.training.prepare import prepare_stage
+from oneencoder.training.runs import model_writer
 from oneencoder.training.stage import run_stage
 
-from ._common import data_overrides, echo, quiet_libraries, user_errors
+from ._common import echo, note, quiet_libraries, user_errors
 
 
 _COLUMNS = ("R@1", "R@5", "R@10", "MRR")  # R@K is Hits@K in Text2Mol's terms
@@ -40,8 +43,12 @@ def train(
     init_from: Optional[Path] = typer.Option(None, "--init-from", metavar="MODEL_DIR",
                                              help="Fine-tune Stage 1 from this model's projection and adapters "
                                                   "(same backbones and shapes) instead of from scratch."),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader workers for decoding samples the feature "
+                                                            "cache lacks (default: as `cache build`)."),
 ) -> None:
-    """Train a stage from cached features, keep the best checkpoint, report test metrics.
+    """Cache missing features, train a stage from them, keep the best checkpoint, report test metrics.
+
+    Samples the feature cache lacks are encoded first, as `oneencoder cache build` does.
 
     Example:  oneencoder train --stage image_text --model outputs/demo/model
 
@@ -51,11 +58,15 @@ def train(
     (batch_size is per process; see docs/scale.md)
     """
     quiet_libraries()
-    config = load_stage(stage, {
-        "data": data_overrides(manifest, cache_dir),
-        "train": {"epochs": epochs, "seed": seed, "device": device},
-    })
-    summary = run_stage(config, model, resume=resume, overwrite=overwrite, init_from=init_from)
+    prepared = prepare_stage(stage, model_dir=model, manifest=manifest, cache_dir=cache_dir,
+                             overrides={"train": {"epochs": epochs, "seed": seed, "device": device}},
+                             build_caches=False)
+    config = prepared.config
+    with model_writer(model):  # a second writer stops before it caches anything
+        where = pick_device(config.train.device)  # the backbones run where the stage trains
+        prepared.build_caches(workers=default_workers(where) if workers is None else workers, device=where,
+                              log=note, quiet_when_cached=True)
+        summary = run_stage(config, model, resume=resume, overwrite=overwrite, init_from=init_from)
     if summary is None:  # a rank > 0 under torchrun: rank 0 reports
         return
     echo(f"stage {config.name}: best epoch {summary['best_epoch']} of {summary['epochs_run']}, "

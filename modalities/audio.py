@@ -33,6 +33,7 @@ from oneencoder.features.backbones import existing_path, freeze, packaged_path
 from oneencoder.features.inputs import tensor_to_numpy
 from oneencoder.fileio import sha256_file
 from oneencoder.modality import Modality, ModalitySpec, register_modality
+from oneencoder.options import AT_LEAST_1, declare, option
 
 DEFAULT_BACKBONE = "pypi:aisfx"
 
@@ -213,7 +214,7 @@ def split_windows(spec: np.ndarray, max_windows: int) -> np.ndarray:
 
 
 @register_modality
-class Audio(Modality):
+class AudioModality(Modality):
     """Sound effects: one 512-d aisfx embedding per 100-frame (~2.3 s) window."""
 
     spec = ModalitySpec(
@@ -227,15 +228,13 @@ class Audio(Modality):
     )
     file_extensions = (".ogg", ".wav", ".flac", ".mp3", ".opus", ".m4a", ".aif", ".aiff")
     input_ndim = 1  # a mono waveform at 44.1 kHz; [N, samples] is N clips
-    default_options = {
+    default_options = declare({
         "backbone": DEFAULT_BACKBONE,  # or "aisfx:<checkpoint.pth>" in aisfx's format
-        "max_windows": 8,  # tokens per clip; longer clips keep evenly spaced windows
-    }
+        "max_windows": option(8, range=AT_LEAST_1),  # tokens per clip; longer clips keep evenly spaced windows
+    })
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        if int(self.options["max_windows"]) < 1:
-            raise ConfigError(f"[modalities.audio] max_windows={self.options['max_windows']!r}; use an integer >= 1")
         bb = self.backbone_id
         if bb != DEFAULT_BACKBONE and not bb.startswith("aisfx:"):
             raise ConfigError(f"[modalities.audio] backbone {bb!r} not understood; "
@@ -341,3 +340,8 @@ class Audio(Modality):
             "onset_density": float(len(onsets) / duration) if duration > 0 else 0.0,
             "snr_db": float(snr),
         }
+
+
+# The name before every built-in became XModality: model directories saved earlier record
+# "oneencoder.modalities.audio:Audio", which must keep loading.
+Audio = AudioModality

@@ -45,10 +45,11 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from oneencoder.errors import ConfigError, SampleError
+from oneencoder.errors import SampleError
 from oneencoder.features.inputs import tensor_to_numpy
 from oneencoder.modalities.image import DEFAULT_BACKBONE, ImageBackboneMixin
 from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
+from oneencoder.options import AT_LEAST_1, POSITIVE, Range, declare, option
 
 ENCODINGS = ("disparity", "normals", "hha", "disparity+normals")
 _DISPARITY_FLOOR = 0.1  # the farthest valid point stays distinguishable from "missing" (0)
@@ -319,32 +320,26 @@ class DepthModality(ImageBackboneMixin, Modality):
     )
     file_extensions = (".npy", ".npz")  # 16-bit PNGs too, named with --as depth
     input_ndim = 2  # [H, W] metres; [N, H, W] is N maps
-    default_options = {
+    default_options = declare({
         # Measured on pybullet renders (14 objects, 60 views each, 2 render seeds, 178 val
         # queries): depth->image object R@1 through a ridge map (l=0.1) to the frozen image
         # features: normals 0.944, hha 0.944, disparity+normals 0.916, disparity 0.860
         # (chance 0.081). normals ties hha at l=0.1 and wins at every other l and without a
         # map (raw cosine 0.68 vs 0.49), so it is the default.
-        "encoding": "normals",
-        "fov": 60.0,  # vertical field of view in degrees (intrinsics for normals/hha)
-        "depth_scale": 0.001,  # metres per unit of integer input (16-bit PNG: millimetres)
+        "encoding": option("normals", choices=ENCODINGS),
+        # vertical field of view in degrees (intrinsics for normals/hha)
+        "fov": option(60.0, range=Range(0, False, 180, False)),
+        # metres per unit of integer input (16-bit PNG: millimetres)
+        "depth_scale": option(0.001, range=POSITIVE),
         "semantic": False,  # ImageNet label semantics mean little for depth renders
-        "tokens": "pooled",
-        "image_size": 224,
+        "tokens": "pooled",  # checked by the image modality
+        "image_size": option(224, range=AT_LEAST_1),
         "image": {},  # further image-modality options (backbone, weights, ...)
-    }
+    })
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         opts = self.options
-        if opts["encoding"] not in ENCODINGS:
-            raise ConfigError(f"[modalities.depth] encoding={opts['encoding']!r}; use one of {list(ENCODINGS)}")
-        if not 0 < float(opts["fov"]) < 180:
-            raise ConfigError(f"[modalities.depth] fov={opts['fov']!r}; use degrees in (0, 180)")
-        if not float(opts["depth_scale"]) > 0:
-            raise ConfigError(f"[modalities.depth] depth_scale={opts['depth_scale']!r}; use metres per unit > 0")
-        if not isinstance(opts["image"], dict):
-            raise ConfigError("[modalities.depth] image must be a table of image-modality options")
         self._image = create_modality("image", **{**opts["image"], "semantic": opts["semantic"],
                                                   "tokens": opts["tokens"], "image_size": opts["image_size"]})
 

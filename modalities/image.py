@@ -38,6 +38,7 @@ from oneencoder.features.backbones import existing_path, freeze, load_weights, p
 from oneencoder.features.inputs import image_from_array
 from oneencoder.fileio import sha256_file, sha256_text
 from oneencoder.modality import Modality, ModalitySpec, register_modality
+from oneencoder.options import AT_LEAST_1, POSITIVE, declare, option
 
 DEFAULT_BACKBONE = "timm:tf_efficientnet_lite0"
 _GRID = {"grid": True, "pooled": False, "grid+pooled": True}
@@ -288,25 +289,21 @@ class ImageModality(Modality):
     )
     file_extensions = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".svg")
     input_ndim = 3  # HWC (numpy) or CHW (torch)
-    default_options = {
+    default_options = declare({
         "backbone": DEFAULT_BACKBONE,
         "weights": "",  # empty: the packaged EfficientNet-Lite0 weights
-        "tokens": "pooled",  # grid | pooled | grid+pooled
+        "tokens": option("pooled", choices=tuple(_GRID)),  # grid | pooled | grid+pooled
         "semantic": True,  # append ImageNet label semantics in the text backbone's space
         "text_backbone": {},  # options of the text modality used for label semantics
-        "image_size": 224,
+        "image_size": option(224, range=AT_LEAST_1),
         "mean": [0.5, 0.5, 0.5],
-        "std": [0.5, 0.5, 0.5],
-    }
+        "std": option([0.5, 0.5, 0.5], range=POSITIVE),  # pixels are divided by it
+    })
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         if self.options["weights"]:  # recorded absolute: the model and caches work from any folder
             self.options["weights"] = os.path.abspath(os.path.expanduser(str(self.options["weights"])))
-        if self.options["tokens"] not in _GRID:
-            raise ConfigError(f"[modalities.image] tokens={self.options['tokens']!r}; use one of {list(_GRID)}")
-        if min(self.options["std"]) <= 0:  # pixels are divided by it
-            raise ConfigError(f"[modalities.image] std = {self.options['std']!r} must be positive")
 
     def bind(self, peers: dict[str, Modality]) -> None:
         """Label semantics live in the space of the stage's own text backbone."""

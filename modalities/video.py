@@ -62,6 +62,7 @@ from oneencoder.errors import ConfigError, SampleError
 from oneencoder.features.inputs import tensor_to_numpy
 from oneencoder.modalities.image import ImageBackboneMixin, standard_mode
 from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
+from oneencoder.options import AT_LEAST_1, NON_NEGATIVE, declare, option
 
 DEFAULT_FPS = 8.0  # frame rate assumed for bare frames (the pybullet clips' rate)
 _THUMB = 64  # side (px) at which motion energy is measured: cheap, and blind to codec noise
@@ -219,29 +220,22 @@ class VideoModality(ImageBackboneMixin, Modality):
     )
     file_extensions = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
     input_ndim = 4  # frames [T, H, W, 3]; [N, T, H, W, 3] is N clips
-    default_options = {
+    default_options = declare({
         "backbone": "timm:tf_efficientnet_lite0",
-        "frames": 8,  # frames sampled uniformly over the clip
-        "fps": 0.0,  # > 0: sample at this rate instead (at most max_frames)
-        "max_frames": 16,
+        "frames": option(8, range=AT_LEAST_1),  # frames sampled uniformly over the clip
+        "fps": option(0.0, range=NON_NEGATIVE),  # > 0: sample at this rate instead (at most max_frames)
+        "max_frames": option(16, range=AT_LEAST_1),
         # Label semantics: probes neutral (within a few points), needed by language_prior (docstring table)
         "semantic": True,
         "summary_token": True,  # first token = mean of the frame tokens (mean |change| for motion dims)
         # Frame differences: action read-out of unseen combinations 0.49 -> 0.61 (docstring table)
         "motion": True,
         "image": {},  # further options of the image modality (not tokens/semantic)
-    }
+    })
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         o = self.options
-        for key in ("frames", "max_frames"):
-            if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 1:
-                raise ConfigError(f"[modalities.video] {key}={o[key]!r}; use an integer >= 1")
-        if not isinstance(o["fps"], (int, float)) or isinstance(o["fps"], bool) or o["fps"] < 0:
-            raise ConfigError(f"[modalities.video] fps={o['fps']!r}; use 0 (uniform sampling) or a rate > 0")
-        if not isinstance(o["image"], dict):
-            raise ConfigError(f"[modalities.video] image={o['image']!r}; use a table of image options")
         if "tokens" in o["image"]:
             raise ConfigError("[modalities.video] image.tokens cannot be set: every frame is one pooled token")
         if "semantic" in o["image"]:

@@ -4,7 +4,8 @@ The package follows the data flow, lowest first; a subpackage imports only those
 (``tests/test_layout.py`` checks this):
 
 - shared utilities (this folder): ``errors``, ``fileio``, ``names``, ``progress``, ``registry``,
-  ``runtime``, ``deps`` and ``modality``, the one interface a modality implements;
+  ``options`` (the one option schema), ``runtime``, ``deps`` and ``modality``, the one
+  interface a modality implements;
 - ``data``: manifests, table import, builders of real data sets (``data.sources``);
 - ``features``: frozen backbones, the feature cache, its shards and banks;
 - ``model``: adapters, modality tokens, the Universal Projection, losses, the model directory;

@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-import math
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, MissingDependencyError
-from .registry import Registry, check_options, class_path, distribution_of, import_class
+from .options import parse_options
+from .registry import Registry, class_path, distribution_of, import_class
 
 ENTRY_POINT_GROUP = "oneencoder.modalities"
 
@@ -46,6 +47,11 @@ class ModalitySpec:
         dedupe_in_eval: Identical inputs (same group) count once in retrieval.
         metric_style: ``"recall"`` (R@K) or ``"ranking"`` (MRR and Hits@K, as Text2Mol reports).
         extra_deps: Packages beyond the core set, for the install hint.
+        typed_query: Name of the box in which ``oneencoder serve`` takes a typed query of this
+            modality (``"smiles"``: a SMILES string), or None: its queries are not typed (a
+            modality that reads files takes an uploaded file).
+        typed_query_label: That box's label on the page (default: the modality's name).
+        typed_query_example: A placeholder shown in the empty box.
     """
 
     name: str
@@ -57,41 +63,24 @@ class ModalitySpec:
     dedupe_in_eval: bool = False
     metric_style: str = "recall"
     extra_deps: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_numbers(where: str, defaults: dict[str, Any], options: dict[str, Any]) -> None:
-    """Numeric options judged by their defaults, so no modality needs its own range code.
-
-    Every number must be finite; one whose default is positive (a size, a count, a scale)
-    must be positive, one whose default is 0 must not be negative; a list of numbers (a
-    per-channel mean) must hold as many finite numbers as its default.
-    """
-    for key, default in defaults.items():
-        value = options.get(key)
-        if _is_number(default) and _is_number(value):
-            bound = "> 0" if default > 0 else ">= 0" if default == 0 else None
-            if not math.isfinite(value) or (bound == "> 0" and value <= 0) or (bound == ">= 0" and value < 0):
-                raise ConfigError(f"{where} {key} = {value!r} must be a finite number{' ' + bound if bound else ''}")
-        elif isinstance(default, (list, tuple)) and default and all(map(_is_number, default)):
-            if not (len(value) == len(default) and all(_is_number(v) and math.isfinite(v) for v in value)):
-                raise ConfigError(f"{where} {key} = {value!r} must be a list of {len(default)} finite numbers "
-                                  f"(like its default {list(default)!r})")
+    typed_query: str | None = None
+    typed_query_label: str = ""
+    typed_query_example: str = ""
 
 
 class Modality(ABC):
     """Base class for a modality. Subclasses set ``spec`` and implement the hooks.
 
     Options from the stage file (``[modalities.<name>]``) arrive as keyword
-    arguments; unknown options, or values of another type than the default, are
-    a ``ConfigError``.
+    arguments, checked by :func:`oneencoder.options.parse_options`: an unknown option,
+    a value of another type than the default, or one outside its declared range or
+    choices is a ``ConfigError``.
     """
 
     spec: ModalitySpec
-    #: Options a stage file may set, with their defaults.
+    #: Options a stage file may set, with their defaults: ``declare({...})`` with
+    #: ``option(default, range=..., choices=...)`` values, or plain defaults (a positive
+    #: number then stays positive, a zero non-negative, a list of numbers keeps its length).
     default_options: dict[str, Any] = {}
     #: Extensions (lower case) of this modality's input files: folders to index, uploads to search.
     file_extensions: tuple[str, ...] = ()
@@ -105,9 +94,7 @@ class Modality(ABC):
         return []
 
     def __init__(self, **options: Any) -> None:
-        where = f"[modalities.{self.spec.name}]"
-        self.options = check_options(where, self.default_options, options)
-        check_numbers(where, self.default_options, self.options)
+        self.options = parse_options(f"[modalities.{self.spec.name}]", self.default_options, options)
 
     # ----- identity -------------------------------------------------------
     @property
@@ -200,6 +187,15 @@ class Modality(ABC):
         """Per-sample measurements for curriculum scorers (override per modality)."""
         return {}
 
+    def depict(self, value: Any) -> str | None:
+        """A picture of one input, as the manifest gives it, for a results page: an SVG string, or
+        None (the default: the page shows the input as text, or serves its file).
+
+        ``oneencoder serve`` runs it in a worker process under a time limit; an override still
+        bounds its own cost, since drawing can grow much faster than the input.
+        """
+        return None
+
 
 def _check_modality(cls: type) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Modality)):
@@ -250,6 +246,13 @@ def provenance(modality: Modality) -> dict[str, Any]:
             "distribution_version": dist[1] if dist else None}
 
 
+def _old_name_of(cls: type, path: str) -> bool:
+    """Whether ``path`` names ``cls`` by an alias its own module keeps (a name from before a
+    rename, as older model directories record it); nothing is imported to find out."""
+    module, _, qualname = path.partition(":")
+    return module == cls.__module__ and getattr(sys.modules.get(module), qualname, None) is cls
+
+
 def modality_class_for(name: str, info: dict[str, Any]) -> type[Modality]:
     """The class a model directory recorded for ``name``: registered, or imported from its record.
 
@@ -259,7 +262,7 @@ def modality_class_for(name: str, info: dict[str, Any]) -> type[Modality]:
     path = info.get("class")
     if name in MODALITIES:
         cls = MODALITIES.get(name)
-        if path and class_path(cls) != path:
+        if path and class_path(cls) != path and not _old_name_of(cls, path):
             raise ConfigError(f"modality {name!r} is registered by {class_path(cls)}, but the model was "
                               f"trained with {path}")
         return cls

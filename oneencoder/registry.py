@@ -3,7 +3,8 @@
 A registry maps names to classes, filled by a class decorator (as timm registers
 models) and, for kinds that plugins extend, by the entry points of installed
 distributions. ``create`` checks the options against what the class accepts, by
-name and by type, so a typo in a stage file is one clear line, never a default.
+name and by type (:func:`oneencoder.options.check_options`), so a typo in a stage file is
+one clear line, never a default.
 
 Example:
     >>> LOSSES = Registry("loss")
@@ -22,34 +23,10 @@ from importlib import metadata
 from typing import Any, Callable, Generic, TypeVar
 
 from .errors import ConfigError, MissingDependencyError
+from .options import check_options
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type)
-
-
-def same_kind(default: Any, value: Any) -> bool:
-    """Whether ``value`` may replace ``default`` (TOML gives lists for tuples, ints for floats)."""
-    if default is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    return isinstance(value, type(default))
-
-
-def check_options(where: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated by ``given``; an unknown name or a value of the wrong type is a ``ConfigError``."""
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)}; known: {sorted(defaults)}")
-    for key, value in given.items():
-        if not same_kind(defaults[key], value):
-            raise ConfigError(f"{where}: option {key} = {value!r} should be a {type(defaults[key]).__name__} "
-                              f"(like its default {defaults[key]!r})")
-    return {**defaults, **given}
 
 
 def signature_defaults(cls: type) -> dict[str, Any]:

@@ -175,11 +175,11 @@ def image_modality(stage_modalities: dict[str, Modality]) -> Modality:
 def _backbones_once() -> Any:
     """Make every ``load_backbone`` of a built-in modality load the real weights at most once."""
     from oneencoder.modalities.image import ImageModality
-    from oneencoder.modalities.text import Text
+    from oneencoder.modalities.text import TextModality
 
     memo: dict[tuple[str, str], Any] = {}
     patch = pytest.MonkeyPatch()
-    for cls in (Text, ImageModality):
+    for cls in (TextModality, ImageModality):
         original = cls.load_backbone
 
         def load_once(self: Modality, _original: Callable = original) -> Any:

@@ -46,7 +46,7 @@ def test_weights_load_only_with_weights_only_true(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch, "load", recording_load)
     state, ds_dict = audio_mod.load_aisfx_checkpoint(audio_mod.default_weights_path())
     model, _ = audio_mod.build_aisfx_model(audio_mod.default_weights_path())
-    audio_mod.Audio().load_backbone()
+    audio_mod.AudioModality().load_backbone()
     assert calls, "torch.load was never called"
     assert all(c.get("weights_only") is True for c in calls), calls
     assert isinstance(state, dict) and isinstance(ds_dict, dict)

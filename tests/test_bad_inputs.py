@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 from oneencoder.cli.main import app
 from oneencoder.errors import ConfigError
 from oneencoder.fileio import write_jsonl_atomic
-from oneencoder.training.config import NUMERIC_RANGES, parse_stage
+from oneencoder.options import Range, declarations
+from oneencoder.training.config import parse_stage
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_TEXT = (REPO / "stages" / "image_text.toml").read_text(encoding="utf-8")
@@ -171,10 +172,10 @@ def test_unusable_device_is_one_line(small_manifest, small_cache, tmp_path: Path
 
 
 @pytest.mark.parametrize("section, line, fragment", [
-    ("modalities.image", "image_size = 0", "[modalities.image] image_size = 0 must be a finite number > 0"),
-    ("modalities.text", "max_tokens = -1", "[modalities.text] max_tokens = -1 must be a finite number > 0"),
-    ("modalities.image", 'semantic = "yes"', "[modalities.image]: option semantic = 'yes' should be a bool"),
-    ("modalities.image", "std = [0.5, 0.5]", "[modalities.image] std = [0.5, 0.5] must be a list of 3 finite"),
+    ("modalities.image", "image_size = 0", "[modalities.image] image_size must be >= 1 (a finite number), got 0"),
+    ("modalities.text", "max_tokens = -1", "[modalities.text] max_tokens must be >= 1 (a finite number), got -1"),
+    ("modalities.image", 'semantic = "yes"', "[modalities.image] semantic must be true or false, got 'yes'"),
+    ("modalities.image", "std = [0.5, 0.5]", "[modalities.image] std must be a list of 3 finite numbers > 0"),
 ], ids=["image_size-0", "max_tokens-negative", "semantic-string", "std-short"])
 def test_bad_modality_option_is_one_line(small_manifest, tmp_path: Path, section: str, line: str,
                                          fragment: str) -> None:
@@ -184,14 +185,13 @@ def test_bad_modality_option_is_one_line(small_manifest, tmp_path: Path, section
     assert not (tmp_path / "cache").exists()
 
 
-def _bad_values(rule: tuple, default: Any) -> list[float]:
-    """Values just outside ``rule`` (a ``NUMERIC_RANGES`` entry), and nan and inf for float options."""
-    lo, lo_in, hi, hi_in = rule
+def _bad_values(rule: Range, default: Any) -> list[float]:
+    """Values just outside ``rule`` (a field's declared range), and nan and inf for float options."""
     out = [float("nan"), float("inf"), float("-inf")] if isinstance(default, float) else []
-    if lo is not None:
-        out.append(lo - 1 if lo_in else lo)
-    if hi is not None:
-        out.append(hi + 1 if hi_in else hi)
+    if rule.lo is not None:
+        out.append(rule.lo - 1 if rule.lo_in else rule.lo)
+    if rule.hi is not None:
+        out.append(rule.hi + 1 if rule.hi_in else rule.hi)
     return out
 
 
@@ -202,10 +202,15 @@ def _defaults() -> dict[str, Any]:
             "curriculum": CurriculumConfig()}
 
 
-@pytest.mark.parametrize("section, option", [(s, o) for s, rules in NUMERIC_RANGES.items() for o in rules])
+def _ranges(section: str) -> dict[str, Range]:
+    """The declared range of each option of ``section`` that has one."""
+    return {k: o.range for k, o in declarations(_defaults()[section]).items() if o.range is not None}
+
+
+@pytest.mark.parametrize("section, option", [(s, o) for s in _defaults() for o in _ranges(s)])
 def test_every_numeric_stage_option_is_range_checked(stage_raw: dict, section: str, option: str) -> None:
     default = getattr(_defaults()[section], option)
-    for value in _bad_values(NUMERIC_RANGES[section][option], default):
+    for value in _bad_values(_ranges(section)[option], default):
         raw = json.loads(json.dumps(stage_raw))
         raw.setdefault(section, {})[option] = value
         with pytest.raises(ConfigError, match=rf"test.toml: \[{section}\] {option} must be"):
@@ -226,7 +231,7 @@ def test_every_numeric_stage_option_has_a_range() -> None:
     """A numeric option added later without a range would skip the checks above."""
     for section, values in _defaults().items():
         numeric = {k for k, v in vars(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        assert numeric <= set(NUMERIC_RANGES[section]), (section, numeric - set(NUMERIC_RANGES[section]))
+        assert numeric <= set(_ranges(section)), (section, numeric - set(_ranges(section)))
 
 
 def test_stage_file_not_utf8_is_one_line(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 from oneencoder.errors import CacheMismatchError, OneEncoderError
 from oneencoder.features.bank import FeatureBank
 from oneencoder.features.cache import FeatureCache, build_cache, cache_dir_for, rejects_path
-from oneencoder.modalities.text import Text
+from oneencoder.modalities.text import TextModality
 from oneencoder.modality import create_modality
 
 pytestmark = pytest.mark.bytes  # compares outputs byte for byte (docs/reliability.md)
@@ -122,7 +122,7 @@ def test_interrupted_build_only_encodes_the_rest(small_records, text_modality, t
         assert all(_raw(cache, sid) == raw for sid, raw in before.items())  # not re-encoded
 
 
-class _InterruptAfter(Text):
+class _InterruptAfter(TextModality):
     """The real text modality, interrupted (Ctrl-C) while preprocessing sample number ``limit``."""
 
     limit = 21

@@ -132,7 +132,7 @@ def test_info_lists_modalities(trained_model) -> None:
 def test_info_says_whether_each_backbone_is_present_and_unchanged(trained_model, tmp_path: Path) -> None:
     result = invoke("info", trained_model["dir"])
     assert result.output.count("backbone present, checksum OK") == 2, result.output
-    assert "class=oneencoder.modalities.text:Text from oneencoder" in result.output
+    assert "class=oneencoder.modalities.text:TextModality from oneencoder" in result.output
     model = tmp_path / "model"
     shutil.copytree(trained_model["dir"], model)
     meta = json.loads((model / "oneencoder.json").read_text())

@@ -108,19 +108,61 @@ def test_stage_needs_two_modality_names(pair: Any) -> None:
 @pytest.mark.parametrize(
     "section,key,value,expected",
     [
-        ("train", "epochs", "ten", "int"),
-        ("train", "epochs", 2.5, "int"),
-        ("train", "epochs", True, "int"),
-        ("train", "lr", "fast", "float"),
-        ("loss", "learn_temperature", 1, "bool"),
-        ("model", "pool", 1, "str"),
-        ("data", "manifest", ["a"], "str"),
+        ("train", "epochs", "ten", "an integer"),
+        ("train", "epochs", 2.5, "an integer"),
+        ("train", "epochs", True, "an integer"),
+        ("train", "lr", "fast", "a number"),
+        ("loss", "learn_temperature", 1, "true or false"),
+        ("model", "pool", 1, "a string"),
+        ("data", "manifest", ["a"], "a string"),
     ],
 )
 def test_wrong_type_names_the_key(section: str, key: str, value: Any, expected: str) -> None:
+    """One format for every option error: where, the option, what it must be, what it got."""
     raw = _raw()
     raw.setdefault(section, {})[key] = value
-    _expect_error(raw, f"{key} = {value!r}", expected)
+    _expect_error(raw, f"test.toml: [{section}] {key} must be {expected}, got {value!r}")
+
+
+@pytest.mark.parametrize("section,key,value,choices", [
+    ("model", "pool", "max", "'mean', 'token'"),
+    ("loss", "name", "sigmoid", "'hnnce', 'infonce', 'margin'"),
+    ("curriculum", "hn_source", "other", "'frozen', 'model'"),
+    ("curriculum", "pacer", "easy", "'linear'"),
+    ("train", "bank", "ram", "'auto', 'memory', 'disk'"),
+    ("train", "precision", "fp8", "'auto', 'fp32', 'bf16'"),
+])
+def test_a_value_outside_its_choices_lists_them(section: str, key: str, value: str, choices: str) -> None:
+    raw = _raw()
+    raw.setdefault(section, {})[key] = value
+    err = _expect_error(raw, f"test.toml: [{section}] {key} must be one of ", choices, f"got {value!r}")
+    assert "\n" not in str(err)
+
+
+def test_a_loss_registered_by_a_plugin_passes_the_stage_file() -> None:
+    """``[loss] name`` accepts what the loss registry holds, not a list of its own."""
+    from oneencoder.model.losses import LOSSES, ContrastiveLoss
+
+    class PluginLoss(ContrastiveLoss):
+        name = "plugin_test_loss"
+
+    raw = _raw()
+    raw["loss"]["name"] = "plugin_test_loss"
+    _expect_error(json.loads(json.dumps(raw)), "[loss] name must be one of")
+    LOSSES.register(PluginLoss)
+    try:
+        assert parse_stage(raw, "test.toml").loss.name == "plugin_test_loss"
+    finally:
+        LOSSES.unregister("plugin_test_loss")
+
+
+def test_rules_between_two_options_stay_next_to_their_dataclass() -> None:
+    raw = _raw()
+    raw["model"].update(d_model=30, heads=4)
+    _expect_error(raw, "test.toml: [model] d_model must be a multiple of heads = 4, got 30")
+    raw = _raw()
+    raw["curriculum"]["scorers"] = {"text_nouns": -1.0}
+    _expect_error(raw, "test.toml: [curriculum] scorers must map scorer names to non-negative weights")
 
 
 def test_int_is_accepted_where_a_float_is_expected() -> None:

@@ -5,7 +5,9 @@ whose manifest holds lying columns (``score``, ``rank``, ``row``) and a ``sound`
 naming ``/etc/hostname``. ``/health`` must answer within 1 s while a 120,000-character
 SMILES is posted and while every worker is busy; bodies over the limits get a 413, an
 ``as=text`` upload and ``/media`` of another field are refused; and a worker that hangs
-or segfaults fails alone.
+or segfaults fails alone. A second server, over the same model with molecules added, shows
+that the page is built from the modalities' specs (issue 23): a SMILES box, and molecules
+drawn by the modality's own ``depict`` in the workers, with caps on the drawing.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import ctypes
 import http.client
 import re
+import shutil
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -30,19 +34,16 @@ K = 4
 TIMEOUT = 3.0  # serve's per-query limit here; real queries take well under a second
 
 
-@pytest.fixture(scope="module")
-def served(trained_model, small_records, tmp_path_factory):
+def serving(model_dir: Path, root: Path, indexes: dict[str, Path], workers: int) -> Iterator[dict]:
+    """Index each manifest for its modality, then serve them all from a thread until closed."""
     from oneencoder.apps.serve import bind, create_app, server
 
-    root = tmp_path_factory.mktemp("hostile-serve")
-    records = [{**r, "score": 42.0, "rank": 0, "row": -1, "sound": "/etc/hostname"} for r in small_records[:8]]
-    write_jsonl_atomic(root / "manifest.jsonl", records)
-    m = oneencoder.load(trained_model["dir"], device="cpu")
-    for modality in ("text", "image"):
-        sources, _ = read_sources(root / "manifest.jsonl", modality)
+    m = oneencoder.load(model_dir, device="cpu")
+    for modality, manifest in indexes.items():
+        sources, _ = read_sources(manifest, modality)
         build_index(m, modality, sources, root / f"ix-{modality}", progress=False)
-    app = create_app(trained_model["dir"], [root / "ix-text", root / "ix-image"], k=K, device="cpu",
-                     workers=2, timeout=TIMEOUT)
+    app = create_app(model_dir, [root / f"ix-{modality}" for modality in indexes], k=K, device="cpu",
+                     workers=workers, timeout=TIMEOUT)
     sock = bind("127.0.0.1", 0)
     srv = server(app)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -51,10 +52,42 @@ def served(trained_model, small_records, tmp_path_factory):
     while not srv.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert srv.started, "the server did not start within 30 s"
-    yield {"port": sock.getsockname()[1], "explorer": app.state.explorer, "records": records, "model": m}
+    yield {"port": sock.getsockname()[1], "explorer": app.state.explorer, "model": m}
     srv.should_exit = True
     thread.join(timeout=20)
     assert app.state.explorer.pool.pids() == []  # the workers ended with the server
+
+
+@pytest.fixture(scope="module")
+def served(trained_model, small_records, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile-serve")
+    records = [{**r, "score": 42.0, "rank": 0, "row": -1, "sound": "/etc/hostname"} for r in small_records[:8]]
+    write_jsonl_atomic(root / "manifest.jsonl", records)
+    indexes = {"text": root / "manifest.jsonl", "image": root / "manifest.jsonl"}
+    for running in serving(trained_model["dir"], root, indexes, workers=2):
+        yield {**running, "records": records}
+
+
+@pytest.fixture(scope="module")
+def molecules_served(trained_model, tmp_path_factory):
+    """The trained model with molecules added (60 PubChem rows, 1 epoch), serving a molecule and a name index."""
+    from typer.testing import CliRunner
+
+    from oneencoder.cli.main import app as cli
+    from oneencoder.data.sources.chemicals import chemicals_records
+
+    root = tmp_path_factory.mktemp("serve-molecules")
+    model = root / "model"
+    shutil.copytree(trained_model["dir"], model, ignore=shutil.ignore_patterns("runs"))
+    records = chemicals_records(limit=60)
+    write_jsonl_atomic(root / "chem.jsonl", records)
+    added = CliRunner().invoke(cli, ["add-modality", "molecule", "--model", str(model), "--data",
+                                     str(root / "chem.jsonl"), "--cache-dir", str(root / "cache"), "--epochs", "1",
+                                     "--workers", "0"])
+    assert added.exit_code == 0, added.output
+    indexes = {"molecule": root / "chem.jsonl", "text": root / "chem.jsonl"}
+    for running in serving(model, root, indexes, workers=1):
+        yield {**running, "records": records}
 
 
 def request(port: int, method: str, path: str, body=b"", headers: dict | None = None,
@@ -175,6 +208,10 @@ def test_limits_and_refusals_are_4xx_with_the_reason(served, monkeypatch, tmp_pa
     port, records = served["port"], served["records"]
     status, page = search(port, {"kind": "text", "text": "x" * 10_001})
     assert status == 400 and "the text query has 10,001 characters, over serve&#39;s limit of 10,000" in page
+    status, page = search(port, {"kind": "smiles", "smiles": "CCO"})  # a box of a modality the model lacks
+    assert status == 400 and error_of(page) == "this model has no molecule modality"
+    status, page = search(port, {"kind": "smiles", "smiles": " "})
+    assert status == 400 and error_of(page) == "type a smiles query first"
 
     # An upload read "as text" would embed the temporary file's path.
     image = Path(records[0]["image"]).read_bytes()
@@ -210,11 +247,46 @@ def test_limits_and_refusals_are_4xx_with_the_reason(served, monkeypatch, tmp_pa
     assert request(port, "GET", "/health") == (200, "ok")
 
 
-def test_drawings_are_capped_in_serve_itself(served) -> None:
+def test_pictures_are_the_modalitys_and_capped(served, monkeypatch) -> None:
+    from oneencoder.modalities import molecule
+
     explorer = served["explorer"]
-    assert "<svg" in explorer.drawing("CCO")
+    drawer = oneencoder.create_modality("molecule")
+    assert drawer.depict("CCO").startswith("<svg")
     start = time.monotonic()
-    assert app_module.molecule_svg("C" * 5000) is None  # over MAX_DRAW_CHARS: not even parsed
-    assert app_module.molecule_svg("C" * (app_module.MAX_DRAW_ATOMS + 1)) is None  # parsed, over the atoms
-    assert explorer.drawing("C" * 120_000) is None
+    assert drawer.depict("C" * (molecule.MAX_DRAW_CHARS + 1)) is None  # not even parsed
+    assert drawer.depict("C" * (molecule.MAX_DRAW_ATOMS + 1)) is None  # parsed, over the atoms
+    assert drawer.depict("C1CC") is None  # unparsable: shown without a picture
     assert time.monotonic() - start < 2
+    # These modalities keep Modality.depict (nothing drawn): no worker is even asked.
+    monkeypatch.setattr(explorer.pool, "call", lambda *a, **k: pytest.fail("a worker was asked"))
+    assert explorer.depiction("text", "A badger.") is None
+    assert explorer.depiction("image", served["records"][0]["image"]) is None
+
+
+def test_the_page_follows_the_specs_and_draws_molecules(molecules_served) -> None:
+    port, explorer, records, m = (molecules_served[k] for k in ("port", "explorer", "records", "model"))
+    status, home = request(port, "GET", "/")
+    assert status == 200
+    # The free-text box first, the upload for the file modalities, then the SMILES box.
+    assert [home.index(f'id="{kind}-form"') for kind in ("text", "file", "smiles")] == sorted(
+        home.index(f'id="{kind}-form"') for kind in ("text", "file", "smiles"))
+    assert 'placeholder="CCO"' in home and ">Molecule (SMILES)</label>" in home and ">File (image)</label>" in home
+
+    smiles = records[4]["smiles"]
+    status, page = search(port, {"kind": "smiles", "smiles": smiles})
+    assert status == 200
+    query = page[page.index('id="query"'):page.index("<section")]
+    assert "molecule query:" in query and query.count("<svg") == 1  # the query, drawn
+    sections = dict(re.findall(r'data-modality="(\w+)">(.*?)</section>', page, re.S))
+    expected = [h["id"] for h in explorer.indexes[0][1].search(m.encode("molecule", [smiles]), K).hits[0]]
+    assert re.findall(r'data-id="([^"]+)"', sections["molecule"]) == expected and expected[0] == records[4]["id"]
+    assert sections["molecule"].count("<svg") == K  # every molecule hit drawn in a worker
+    assert "<svg" not in sections["text"] and 'class="text"' in sections["text"]  # names shown as text
+
+    # Drawing stays capped through serve: over the query limit nothing reaches a worker.
+    start = time.monotonic()
+    assert explorer.depiction("molecule", "C" * 120_000) is None
+    assert explorer.depiction("molecule", "C" * 5_000) is None  # over the modality's own cap, in a worker
+    assert explorer.depiction("molecule", "CCO").startswith("<svg")
+    assert time.monotonic() - start < 5

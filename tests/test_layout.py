@@ -26,7 +26,7 @@ NAMES_MODALITIES = {PACKAGE / "data" / "sources"}
 
 # Lowest first: a module imports its own layer and the layers below it, never one above.
 LAYERS = ["utilities", "data", "features", "model", "evaluation", "training", "apps"]
-UTILITIES = {"deps", "errors", "fileio", "modality", "names", "progress", "registry", "runtime"}
+UTILITIES = {"deps", "errors", "fileio", "modality", "names", "options", "progress", "registry", "runtime"}
 OUTSIDE = {"modalities", "cli", "stages"}  # installed in the namespace, above the core
 
 

@@ -194,7 +194,7 @@ def test_report_shows_the_most_suspect_pairs(small_records, small_cache, stage_m
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("weighting", "bogus", "weighting = 'bogus'"),
+    ("weighting", "bogus", "weighting must be one of .*, got 'bogus'"),
     ("superloss_lambda", 0.0, "superloss_lambda must be > 0"),
     ("weight_floor", 1.0, "weight_floor must be in"),
     ("trust_threshold", -0.1, "trust_threshold must be in"),

@@ -163,7 +163,8 @@ def test_embed_and_load_encode_without_plugin_flag(sketch_model: Path, sketch_in
                                                 cwd=tmp_path)).splitlines()[-1]))
     assert embedded.shape == encoded.shape and embedded.shape[0] == 2
     np.testing.assert_allclose(np.linalg.norm(encoded, axis=1), 1.0, atol=1e-4)
-    np.testing.assert_allclose(embedded, encoded, atol=1e-5)
+    # `embed` takes these inputs' features from the cache the model trained on (fp16), `encode` runs the backbone
+    np.testing.assert_allclose(embedded, encoded, atol=1e-4)
 
 
 def test_eval_without_plugin_flag_resolves_relative_paths(sketch_model: Path, sketch_data: Path,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,10 @@ from ..model.checkpoint import load_model, modality_from_meta
 from ..runtime import pick_device
 from .index import VectorIndex, model_space
 from .zeroshot import Classification, classify
+
+if TYPE_CHECKING:
+    from ..features.lookup import CachedFeatures
+    from ..model.parts import OneEncoderModel
 
 # ``progress=None`` shows a bar once the inputs span more than this many batches.
 _PROGRESS_MIN_BATCHES = 8
@@ -54,6 +58,19 @@ class OneEncoder:
         self._modalities: dict[str, Modality] = {}
         self._backbones: dict[str, torch.nn.Module] = {}
 
+    @classmethod
+    def from_loaded(cls, model_dir: str | Path, model: OneEncoderModel, meta: dict[str, Any],
+                    device: str | torch.device | None = None,
+                    modalities: dict[str, Modality] | None = None) -> "OneEncoder":
+        """A model already loaded and checked (e.g. by :func:`oneencoder.training.prepare.prepare_stage`),
+        without reading its files again; ``modalities``: those already recreated from ``meta``."""
+        self = cls.__new__(cls)
+        self.model_dir, self.model, self.meta = Path(model_dir), model, meta
+        self.device = pick_device("auto" if device is None else str(device))
+        self.model.to(self.device).eval()
+        self._modalities, self._backbones = dict(modalities or {}), {}
+        return self
+
     @property
     def modalities(self) -> list[str]:
         """Names of the modalities this model can embed."""
@@ -82,17 +99,18 @@ class OneEncoder:
         return self.model(modality, tokens.float().to(self.device), mask.bool().to(self.device)).float().cpu()
 
     def _embed(self, modality: str, inputs: Any, batch_size: int, progress: bool | None,
-               on_error: Callable[[int, Any, str], None] | None = None) -> tuple[torch.Tensor, list[int]]:
+               on_error: Callable[[int, Any, str], None] | None = None,
+               cache: "CachedFeatures | None" = None) -> tuple[torch.Tensor, list[int]]:
         """Embed ``inputs`` in batches: ``([n_kept, d] on the CPU, positions kept)``.
 
         A bad input raises ``SampleError`` naming it, or, with ``on_error``, is passed to
-        ``on_error(position, input, reason)`` and left out.
+        ``on_error(position, input, reason)`` and left out. An input ``cache`` holds is
+        embedded from its cached features; the backbone runs for the rest.
         """
         m = self.modality(modality)
         items = as_batch(inputs, m.input_ndim)
         if batch_size < 1:
             raise OneEncoderError(f"batch_size must be >= 1, got {batch_size}")
-        backbone = self._backbone(modality)
         # None: a bar only for inputs that take a while, and only on a terminal.
         long = len(items) > _PROGRESS_MIN_BATCHES * batch_size
         shown = (None if long else False) if progress is None else progress
@@ -100,29 +118,44 @@ class OneEncoder:
         out, kept = [], []
         with bar:
             for start in range(0, len(items), batch_size):
-                prepared = []
+                found: list[tuple[int, str]] = []  # (position, cached id)
+                prepared, fresh = [], []
                 for i, x in enumerate(items[start : start + batch_size], start):
-                    where = f"{modality} input #{i}"
+                    sid = cache.find(x) if cache is not None else None
+                    if sid is not None:
+                        found.append((i, sid))
+                        continue
                     try:
                         prepared.append(m.prepare(x)[1])
-                        kept.append(i)
+                        fresh.append(i)
                     except Exception as e:  # noqa: BLE001 - one bad input is a reject, never an abort
                         if isinstance(e, OneEncoderError) and not isinstance(e, SampleError):
                             raise  # a missing dependency or a bad option is the job's problem
-                        reason = _reason(where, e)
+                        reason = _reason(f"{modality} input #{i}", e)
                         if on_error is None:
                             raise SampleError(reason) from (None if isinstance(e, SampleError) else e)
                         on_error(i, x, reason)
+                parts, where = [], []
+                if found:
+                    parts.append(self.encode_features(modality, *cache.tokens([sid for _, sid in found])))
+                    where += [i for i, _ in found]
                 if prepared:
-                    tokens, mask = m.featurize(backbone, prepared)
-                    out.append(self.encode_features(modality, tokens, mask))
+                    parts.append(self.encode_features(modality, *m.featurize(self._backbone(modality), prepared)))
+                    where += fresh
+                if cache is not None:
+                    cache.hits += len(found)
+                    cache.encoded += len(prepared)
+                if parts:  # back in input order
+                    order = sorted(range(len(where)), key=where.__getitem__)
+                    out.append(torch.cat(parts)[order])
+                    kept += [where[j] for j in order]
                 bar.update(min(batch_size, len(items) - start))
         emb = torch.cat(out) if out else torch.empty(0, self.model.embed_dim)
         return emb, kept
 
     @torch.no_grad()
     def encode(self, modality: str, inputs: Any, batch_size: int = 32, progress: bool | None = None,
-               numpy: bool = False) -> torch.Tensor | np.ndarray:
+               numpy: bool = False, cache: "CachedFeatures | None" = None) -> torch.Tensor | np.ndarray:
         """Embed raw inputs into the shared space.
 
         Args:
@@ -135,6 +168,8 @@ class OneEncoder:
             batch_size: Inputs per backbone forward.
             progress: Show a progress bar; None shows one for inputs longer than a few batches.
             numpy: Return a float32 numpy array instead of a tensor.
+            cache: Cached backbone features to reuse (:class:`~oneencoder.features.lookup.CachedFeatures`):
+                an input it holds is not encoded again.
 
         Returns:
             ``[N, d]`` L2-normalised embeddings on the CPU.
@@ -144,7 +179,7 @@ class OneEncoder:
                 image, an empty (0x0) one, a ``meta`` tensor, an input over a modality's
                 size limit (docs/reliability.md), or any other failure to load it.
         """
-        emb, _ = self._embed(modality, inputs, batch_size, progress)
+        emb, _ = self._embed(modality, inputs, batch_size, progress, cache=cache)
         return emb.numpy().astype(np.float32, copy=False) if numpy else emb
 
     def index(self, modality: str, inputs: Any, ids: Sequence[str] | None = None, batch_size: int = 32,
@@ -169,7 +204,7 @@ class OneEncoder:
 
     def classify(self, modality: str, inputs: Any, labels: Sequence[str], template: str | Sequence[str] = "{}",
                  k: int = 5, temperature: float = 0.01, batch_size: int = 32,
-                 progress: bool | None = None) -> Classification:
+                 progress: bool | None = None, cache: "CachedFeatures | None" = None) -> Classification:
         """Zero-shot classification: each input against ``template.format(label)`` for every label.
 
         Args:
@@ -179,9 +214,10 @@ class OneEncoder:
             k: Labels kept per input in :attr:`Classification.top`.
             temperature: Softmax temperature of :attr:`Classification.probs` (CLIP's logit scale
                 100 is 0.01); the ranking is the cosine's either way.
+            cache: Cached backbone features of the inputs to reuse (as in :meth:`encode`).
         """
         return classify(self, modality, inputs, labels, template, k=k, temperature=temperature,
-                        batch_size=batch_size, progress=progress)
+                        batch_size=batch_size, progress=progress, cache=cache)
 
     @staticmethod
     def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ..names import path_inside, remove_tree_inside
 from .index import IVF_MIN_VECTORS, KINDS, META, VectorIndex, make_index_dir, model_space, non_finite_field
 
 if TYPE_CHECKING:
+    from ..features.lookup import CachedFeatures
     from .api import OneEncoder
 
 REJECTS = "rejects.jsonl"
@@ -67,12 +68,14 @@ def _scalar_fields(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-def read_sources(data: str | Path, modality: str) -> tuple[list[dict[str, Any]], int]:
+def read_sources(data: str | Path, modality: str,
+                 records: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], int]:
     """Items to index, each ``{"id", "input", ...}``, and how many manifest rows had no input.
 
     ``data`` is a manifest (``.jsonl``: the modality's field of each row, the row's other
     fields kept for display), a folder (the modality's files in it, by extension), or a
-    text file with one input per line (texts, SMILES, or file paths).
+    text file with one input per line (texts, SMILES, or file paths). ``records``: the
+    manifest's rows when the caller has read them already.
 
     Raises:
         OneEncoderError: the data is missing, unreadable, or holds no input of the modality.
@@ -86,7 +89,7 @@ def read_sources(data: str | Path, modality: str) -> tuple[list[dict[str, Any]],
         raise OneEncoderError(f"--data {data}: no such file or folder")
     if data.suffix.lower() == ".jsonl":
         key = cls.spec.record_key
-        rows = read_manifest(data)
+        rows = read_manifest(data) if records is None else records
         out = [{**_scalar_fields(r), "id": str(r["id"]), "input": r[key]} for r in rows if r.get(key) is not None]
         if not out:
             raise OneEncoderError(f"--data {data}: no row has a {key!r} field ({modality} input)")
@@ -108,7 +111,8 @@ def _data_hash(sources: list[dict[str, Any]]) -> str:
 
 def build_index(model: "OneEncoder", modality: str, sources: list[dict[str, Any]], out: str | Path, *,
                 kind: str = "auto", batch_size: int = 32, chunk: int = 1024, progress: bool = True,
-                resume: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None) -> BuildReport:
+                resume: bool = True, overwrite: bool = False, extra: dict[str, Any] | None = None,
+                cache: "CachedFeatures | None" = None) -> BuildReport:
     """Encode ``sources`` (from :func:`read_sources`) into an index at ``out``.
 
     Args:
@@ -116,6 +120,8 @@ def build_index(model: "OneEncoder", modality: str, sources: list[dict[str, Any]
         chunk: Samples per resume point.
         resume: Continue an interrupted build of the same data with the same model.
         overwrite: Replace a finished index at ``out``.
+        cache: Cached backbone features: an input it holds is embedded from them, not encoded
+            again (it counts both).
 
     Raises:
         OneEncoderError: ``out`` holds an index (without ``overwrite``), or nothing could be encoded.
@@ -144,7 +150,7 @@ def build_index(model: "OneEncoder", modality: str, sources: list[dict[str, Any]
         for start in parts:
             if start in done:
                 continue
-            _encode_part(model, modality, sources[start : start + chunk], start, work, batch_size)
+            _encode_part(model, modality, sources[start : start + chunk], start, work, batch_size, cache)
             bar.update(min(chunk, len(sources) - start))
 
     vectors, items, rejects = _read_parts(work, parts)
@@ -164,7 +170,7 @@ def build_index(model: "OneEncoder", modality: str, sources: list[dict[str, Any]
 
 
 def _encode_part(model: "OneEncoder", modality: str, sources: list[dict[str, Any]], start: int, work: Path,
-                 batch_size: int) -> None:
+                 batch_size: int, cache: "CachedFeatures | None") -> None:
     """Encode one chunk and write it; its items file, written last, marks it finished."""
     from safetensors.numpy import save_file
 
@@ -185,7 +191,7 @@ def _encode_part(model: "OneEncoder", modality: str, sources: list[dict[str, Any
     emb, kept = torch.empty(0, model.model.embed_dim), []
     if clean:
         emb, kept = model._embed(modality, [sources[i]["input"] for i in clean], batch_size, False,
-                                 on_error=lambda j, _x, reason: reject(clean[j], reason))
+                                 on_error=lambda j, _x, reason: reject(clean[j], reason), cache=cache)
     kept = [clean[j] for j in kept]
     rejects = [r for _, r in sorted(found, key=lambda pair: pair[0])]
     # Positions inside the chunk are replaced by the sample's id in every reason.

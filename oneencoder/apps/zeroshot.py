@@ -24,6 +24,7 @@ from ..data.manifest import CAPTION_FIELD
 from ..errors import OneEncoderError
 
 if TYPE_CHECKING:
+    from ..features.lookup import CachedFeatures
     from .api import OneEncoder
 
 
@@ -100,14 +101,15 @@ def label_embeddings(model: "OneEncoder", labels: Sequence[str], template: str |
 
 def classify(model: "OneEncoder", modality: str, inputs: Any, labels: Sequence[str],
              template: str | Sequence[str] = "{}", k: int = 5, temperature: float = 0.01,
-             batch_size: int = 32, progress: bool | None = None) -> Classification:
+             batch_size: int = 32, progress: bool | None = None,
+             cache: "CachedFeatures | None" = None) -> Classification:
     """Classify ``inputs`` of ``modality`` among ``labels`` (see :meth:`OneEncoder.classify`)."""
     if k < 1:
         raise OneEncoderError(f"classify: k must be >= 1, got {k}")
     if not temperature > 0:
         raise OneEncoderError(f"classify: temperature must be > 0, got {temperature}")
     text = label_embeddings(model, labels, template, batch_size)
-    emb = model.encode(modality, inputs, batch_size=batch_size, progress=progress)
+    emb = model.encode(modality, inputs, batch_size=batch_size, progress=progress, cache=cache)
     scores = emb @ text.T
     probs = (scores / temperature).softmax(-1)
     order = scores.argsort(dim=1, descending=True, stable=True)[:, : min(k, len(labels))]

@@ -27,8 +27,7 @@ from safetensors.torch import load_file, save as save_bytes
 from ..errors import ChecksumError, OneEncoderError
 from ..fileio import load_json_text, not_utf8, sha256_file
 from ..modality import Modality, modality_class_for, provenance
-from ..training.config import adapter_from_dict, projection_from_dict
-from .parts import OneEncoderModel, build_model
+from .parts import OneEncoderModel, adapter_from_dict, build_model, projection_from_dict
 from .transaction import commit, recover, visible_path
 
 FORMAT_VERSION = 1

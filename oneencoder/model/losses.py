@@ -1,4 +1,15 @@
-"""Contrastive losses. Each returns a dict with ``loss`` plus values worth logging."""
+"""Contrastive losses. Each returns a dict with ``loss`` plus values worth logging.
+
+A loss class declares what a stage must give it, so the training plan
+(:mod:`oneencoder.training.plan`) never tests a loss's name:
+
+* its options are its constructor's keyword arguments (``[loss] beta`` reaches exactly
+  the losses whose constructor takes ``beta``);
+* ``needs_margins``: ``forward`` takes a per-pair ``margin`` that the stage scales by each
+  pair's difficulty (``[loss] max_margin · difficulty``), so the difficulty table is read;
+* ``gives_per_pair_losses``: the output holds ``per_sample``, the detached per-pair losses
+  that self-paced pacers and SuperLoss weights read.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +50,10 @@ class ContrastiveLoss(nn.Module):
     """
 
     name: ClassVar[str] = "infonce"
+    #: ``forward`` takes a per-pair ``margin`` scaled by difficulty (see the module docstring).
+    needs_margins: ClassVar[bool] = False
+    #: The output holds ``per_sample`` (``symmetric`` writes it).
+    gives_per_pair_losses: ClassVar[bool] = True
 
     def __init__(self, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
                  learn_temperature: bool = True) -> None:
@@ -147,6 +162,7 @@ class MarginLoss(ContrastiveLoss):
     """
 
     name: ClassVar[str] = "margin"
+    needs_margins: ClassVar[bool] = True
 
     def __init__(self, margin: float = 0.1, **kwargs: Any) -> None:
         super().__init__(**kwargs)

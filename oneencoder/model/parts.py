@@ -6,45 +6,65 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..options import AT_LEAST_1, NON_NEGATIVE, OPEN_SHARE, POSITIVE, option, parse_section
 
 
 @dataclass
 class ProjectionConfig:
-    """Universal Projection shape (stored in ``oneencoder.json``)."""
+    """Universal Projection shape (``[model]`` of a stage file, stored in ``oneencoder.json``)."""
 
-    d_model: int = 256
-    layers: int = 2
-    heads: int = 4
-    mlp_ratio: float = 2.0
-    dropout: float = 0.1
-    pool: str = "mean"  # mean over real tokens, or "token": the modality token's output
+    d_model: int = option(256, range=AT_LEAST_1)
+    layers: int = option(2, range=AT_LEAST_1)
+    heads: int = option(4, range=AT_LEAST_1)
+    mlp_ratio: float = option(2.0, range=POSITIVE)
+    dropout: float = option(0.1, range=OPEN_SHARE)
+    # mean over real tokens, or "token": the modality token's output
+    pool: str = option("mean", choices=("mean", "token"))
     # Residual blend with a frozen language-space prior (as CLIP-Adapter blends adapted and
     # original features): embedding = [sqrt(1-w) * learned, sqrt(w) * frozen sentence-space vector].
     # Modalities without such a vector contribute zeros there, so their rankings use the learned part.
-    language_prior: float = 0.0
+    language_prior: float = option(0.0, range=OPEN_SHARE)
     # Width of that frozen vector: 0 = read from the modalities' language slices (the text
     # backbone's sentence width); set by hand only to insist on a width.
-    language_dim: int = 0
+    language_dim: int = option(0, range=NON_NEGATIVE)
 
 
 @dataclass
 class AdapterConfig:
-    """Per-modality adapter shape (stored per modality in ``oneencoder.json``)."""
+    """Per-modality adapter shape (``[adapter]``, stored per modality in ``oneencoder.json``)."""
 
-    hidden: int = 512  # 0: a single linear map (LayerNorm + Linear)
-    dropout: float = 0.1
+    hidden: int = option(512, range=NON_NEGATIVE)  # 0: a single linear map (LayerNorm + Linear)
+    dropout: float = option(0.1, range=OPEN_SHARE)
     positions: bool = True  # learned per-position embedding (grid cells, frames)
     # For a modality without a frozen language vector, under a language prior: predict that
     # vector from the adapted tokens instead of leaving zeros, so the modality can match the
     # sentence-space part that dominates text embeddings. Trained with (and stored in) the adapter.
     language_head: bool = False
+
+
+def projection_from_dict(raw: Any, where: str) -> ProjectionConfig:
+    """``[model]`` of a stage file, or the projection ``oneencoder.json`` records, checked.
+
+    Raises:
+        ConfigError: An option is unknown or not allowed, or ``d_model`` is no multiple of ``heads``.
+    """
+    config = parse_section(ProjectionConfig, raw, where)
+    if config.d_model % config.heads:  # the attention heads split d_model evenly
+        raise ConfigError(f"{where} d_model must be a multiple of heads = {config.heads}, got {config.d_model}")
+    return config
+
+
+def adapter_from_dict(raw: Any, where: str) -> AdapterConfig:
+    """``[adapter]`` of a stage file, or an adapter ``oneencoder.json`` records, checked."""
+    return parse_section(AdapterConfig, raw, where)
 
 
 class Adapter(nn.Module):
@@ -239,10 +259,12 @@ class OneEncoderModel(nn.Module):
             module.eval()
         return self
 
-    def config_dict(self) -> dict:
-        return {"projection": asdict(self.projection_config),
-                "adapters": {k: asdict(v) for k, v in self.adapter_configs.items()}}
-
+    def no_weight_decay(self) -> set[str]:
+        """Names of the weights AdamW must not decay, besides biases and norms (every parameter
+        under 2-D): the modality tokens and position tables, as CLIP/open_clip leave their
+        embeddings undecayed (timm's ``no_weight_decay`` convention)."""
+        return {f"adapters.{name}.{part}" for name, adapter in self.adapters.items()
+                for part in ("modality_token", "positions") if getattr(adapter, part) is not None}
 
 
 def language_width(facts: dict[str, dict]) -> int:

@@ -14,18 +14,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from ..data.manifest import read_manifest
 from ..errors import ConfigError
-from ..features.cache import build_cache
 from ..modality import get_modality_class
 from ..model.checkpoint import read_meta
 from ..names import safe_name
 from ..progress import status
 from ..registry import import_plugins
-from ..runtime import pick_device
-from . import distributed as ddp
 from .config import StageConfig, parse_stage, resolve_stage_path
-from .pairs import model_modalities, stage_modalities
+from .prepare import prepare_stage
 from .runs import model_writer
 from .stage import run_stage
 
@@ -110,12 +106,7 @@ def _add_modality(config: StageConfig, modality: str, model_dir: str | Path, rep
         safe_name(name, f"{model_dir}/oneencoder.json: modality")
     if anchor not in meta["modalities"]:
         raise ConfigError(f"--anchor {anchor}: the model holds {', '.join(meta['modalities'])}")
-    records = read_manifest(config.data.manifest)
-    to_cache = [stage_modalities(config, model_dir)[modality]]
-    to_cache += list(model_modalities(model_dir, records, {modality}).values())
-    ddp.init_distributed(ddp.rank_device(pick_device(config.train.device)))
-    if ddp.is_main():  # under torchrun, rank 0 caches while the others wait
-        for m in to_cache:
-            log(build_cache(m, records, config.data.cache_dir, num_workers=workers, progress=progress).summary())
-    ddp.barrier()
+    # The new modality, the anchor as the model holds it, and the model's other modalities the
+    # manifest has inputs for (their test pairs are the emergent ones): each cached once.
+    prepare_stage(config, model_dir=model_dir, workers=workers, progress=progress, log=log)
     return run_stage(config, model_dir, replace=replace, restart_if_changed=restart_if_changed, progress=progress)

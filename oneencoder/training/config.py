@@ -1,27 +1,30 @@
 """Stage files: TOML that says what a stage trains, on which data, and how.
 
-Every section maps onto a dataclass; an unknown key is an error that names it,
-so a typo never silently falls back to a default.
+Every section maps onto a dataclass whose fields declare their options (type, default,
+range, choices: :mod:`oneencoder.options`); an unknown key or a value out of bounds is an
+error that names it, so a typo never silently falls back to a default, and a NaN learning
+rate or a negative warmup never trains garbage.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ..errors import ConfigError
+from ..features.bank import BANK_KINDS
 from ..fileio import MAX_JSON_DEPTH, json_too_deep, not_utf8
-from ..model.parts import AdapterConfig, ProjectionConfig
+from ..model.losses import LOSSES
+from ..model.parts import AdapterConfig, ProjectionConfig, adapter_from_dict, projection_from_dict
 from ..names import safe_name
-from ..registry import import_plugins, same_kind
-from .curriculum.weights import WEIGHTINGS
-
-T = TypeVar("T")
+from ..options import AT_LEAST_1, NON_NEGATIVE, OPEN_SHARE, POSITIVE, SHARE, Option, Range, option, parse_section
+from ..registry import import_plugins
+from .curriculum.pacers import PACERS
+from .curriculum.weights import WEIGHTING_REGISTRY
 
 
 @dataclass
@@ -32,52 +35,76 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "infonce"  # infonce | hnnce | margin
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
+    # Any registered loss, a plugin's included (the built-ins: oneencoder/model/losses.py).
+    name: str = option("infonce", choices=LOSSES.names)
+    init_temperature: float = option(0.07, range=POSITIVE)
+    # Upper bounds where larger values overflow float32 logits: CLIP clamps the scale at 100;
+    # HN-NCE's exp(beta * logit) puts all weight on one negative long before beta = 100; a
+    # margin on cosines in [-1, 1] above 2 can never be met.
+    max_logit_scale: float = option(100.0, range=Range(0, False, 1e4, True))
     learn_temperature: bool = True
-    beta: float = 0.0  # hnnce: weight of hard negatives (0 = InfoNCE)
-    max_margin: float = 0.0  # margin: margin of the hardest pair, scaled by its difficulty (0 = InfoNCE)
+    beta: float = option(0.0, range=Range(0, True, 100, True))  # hnnce: weight of hard negatives (0 = InfoNCE)
+    # margin: margin of the hardest pair, scaled by its difficulty (0 = InfoNCE)
+    max_margin: float = option(0.0, range=Range(0, True, 2, True))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    patience: int = 10
-    seed: int = 0
+    epochs: int = option(40, range=AT_LEAST_1)
+    batch_size: int = option(128, range=Range(2, True))  # negatives need a second pair
+    lr: float = option(1e-3, range=Range(0, False, 1, True))
+    weight_decay: float = option(0.05, range=NON_NEGATIVE)
+    warmup_steps: int = option(50, range=NON_NEGATIVE)
+    min_lr_ratio: float = option(0.05, range=SHARE)
+    grad_clip: float = option(1.0, range=NON_NEGATIVE)  # 0 = no clipping
+    patience: int = option(10, range=AT_LEAST_1)
+    seed: int = option(0, range=Range(0, True, 2**32, False))  # numpy's seed range
     device: str = "auto"
-    log_every: int = 10
-    eval_batch_size: int = 256
-    bank: str = "auto"  # feature banks: auto | memory | disk (memory map beside the cache), see oneencoder/features/bank.py
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    log_every: int = option(10, range=AT_LEAST_1)
+    eval_batch_size: int = option(256, range=AT_LEAST_1)
+    # feature banks: auto | memory | disk (memory map beside the cache), see oneencoder/features/bank.py
+    bank: str = option("auto", choices=BANK_KINDS)
+    # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    precision: str = option("auto", choices=("auto", "fp32", "bf16"))
     compile: bool = False  # torch.compile the model (worth it on GPUs for long runs)
+
+    def check(self, where: str) -> None:
+        """What two options need together, beyond each one's own range."""
+        if self.lr * self.weight_decay >= 1:  # AdamW scales each weight by 1 - lr * weight_decay per step
+            raise ConfigError(f"{where} lr * weight_decay must be < 1 (AdamW scales weights by "
+                              f"1 - lr * weight_decay each step), got {self.lr} * {self.weight_decay}")
 
 
 @dataclass
 class CurriculumConfig:
     """Which pairs and negatives each step sees (see docs/curriculum.md)."""
 
-    pacer: str = "random"  # random | anti | phases | linear | root | geometric | windows | self_paced
+    # Any registered pacer, a plugin's included (the built-ins: docs/curriculum.md)
+    pacer: str = option("random", choices=PACERS.names)
     pacer_options: dict = field(default_factory=dict)  # e.g. {start = 0.25, full_at = 0.8}
     scorers: dict = field(default_factory=lambda: {"text_nouns": 1.0})  # scorer -> weight (rank average)
-    hard_negatives: float = 0.0  # final share of a batch filled with mined near neighbours
-    hn_start: float = 0.0  # share at the start of training
-    hn_k: int = 10  # neighbours mined per sample
-    hn_source: str = "frozen"  # frozen: backbone features; model: current embeddings, refreshed each epoch
+    hard_negatives: float = option(0.0, range=SHARE)  # final share of a batch filled with mined near neighbours
+    hn_start: float = option(0.0, range=SHARE)  # share at the start of training
+    hn_k: int = option(10, range=AT_LEAST_1)  # neighbours mined per sample
+    # frozen: backbone features; model: current embeddings, refreshed each epoch
+    hn_source: str = option("frozen", choices=("frozen", "model"))
     loss_predictor: bool = True  # self_paced: a small net predicts the loss of samples not seen recently
     # Per-pair loss weights for noisy data: none | trust (pair_agreement's clean probability)
     # | superloss (self-paced confidence from the current loss) | trust+superloss
-    weighting: str = "none"
-    superloss_lambda: float = 1.0  # superloss: how sharply a loss above the batch mean is down-weighted
-    weight_floor: float = 0.0  # no pair's weight falls below this
-    trust_threshold: float = 0.0  # trust: 0 = weight by clean probability; > 0 = 1 at or above it, else weight_floor
-    group_balance: float = 0.0  # weight a pair whose caption g training pairs share by g^-group_balance (0 = off)
+    weighting: str = option("none", choices=WEIGHTING_REGISTRY.names)
+    # superloss: how sharply a loss above the batch mean is down-weighted
+    superloss_lambda: float = option(1.0, range=POSITIVE)
+    weight_floor: float = option(0.0, range=OPEN_SHARE)  # no pair's weight falls below this
+    # trust: 0 = weight by clean probability; > 0 = 1 at or above it, else weight_floor
+    trust_threshold: float = option(0.0, range=OPEN_SHARE)
+    # weight a pair whose caption g training pairs share by g^-group_balance (0 = off)
+    group_balance: float = option(0.0, range=SHARE)
+
+    def check(self, where: str) -> None:
+        """Scorer weights: the table's values, which no field declaration reaches."""
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                   for w in self.scorers.values()):
+            raise ConfigError(f"{where} scorers must map scorer names to non-negative weights, got {self.scorers!r}")
 
 
 @dataclass
@@ -101,21 +128,6 @@ class StageConfig:
         d = dataclasses.asdict(self)
         d["modalities"] = list(self.modalities)
         return d
-
-
-def _section(cls: type[T], raw: Any, where: str) -> T:
-    """``cls`` from a table: an unknown name or a value of another type than the default is an error."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(raw) - set(names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)}; known: {sorted(names)}")
-    defaults = cls()  # every section dataclass has defaults
-    for key, value in raw.items():
-        if not same_kind(getattr(defaults, key), value):
-            raise ConfigError(f"{where}.{key} = {value!r}: expected {type(getattr(defaults, key)).__name__}")
-    return cls(**raw)
 
 
 def resolve_stage_path(stage: str | Path) -> Path:
@@ -191,135 +203,21 @@ def parse_stage(raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
         name=stage["name"],
         modalities=(pair[0], pair[1]),
         trainable=list(trainable),
-        data=_section(DataConfig, raw.get("data", {}), f"{source} [data]"),
+        data=parse_section(DataConfig, raw.get("data", {}), f"{source}: [data]"),
         modality_options={k: dict(v) for k, v in options.items()},
-        model=_section(ProjectionConfig, raw.get("model", {}), f"{source} [model]"),
-        adapter=_section(AdapterConfig, raw.get("adapter", {}), f"{source} [adapter]"),
-        loss=_section(LossConfig, raw.get("loss", {}), f"{source} [loss]"),
-        train=_section(TrainConfig, raw.get("train", {}), f"{source} [train]"),
-        curriculum=_section(CurriculumConfig, raw.get("curriculum", {}), f"{source} [curriculum]"),
+        model=projection_from_dict(raw.get("model", {}), f"{source}: [model]"),
+        adapter=adapter_from_dict(raw.get("adapter", {}), f"{source}: [adapter]"),
+        loss=parse_section(LossConfig, raw.get("loss", {}), f"{source}: [loss]"),
+        train=parse_section(TrainConfig, raw.get("train", {}), f"{source}: [train]"),
+        curriculum=parse_section(CurriculumConfig, raw.get("curriculum", {}), f"{source}: [curriculum]"),
         plugins=list(plugins),
         source=source,
     )
-    _check_numbers(config, source)
-    _check_values(config, source)
+    config.train.check(f"{source}: [train]")
+    config.curriculum.check(f"{source}: [curriculum]")
+    # Modality options are checked by their modality when it is created; a number that is not
+    # finite is refused here already, naming the file (an option of any type: Option(None)).
+    for name, table in config.modality_options.items():
+        for key, value in table.items():
+            Option(None).check(f"{source}: [modalities.{name}]", key, value)
     return config
-
-
-# The range of every numeric stage option: (lowest, lowest allowed?, highest, highest allowed?).
-# None is unbounded. A value outside, or not finite (nan, inf), is an error naming the option:
-# a NaN learning rate or a negative warmup would otherwise train garbage, or train silently wrong.
-_POSITIVE, _NON_NEGATIVE, _SHARE, _OPEN_SHARE = (0, False, None, False), (0, True, None, False), \
-    (0, True, 1, True), (0, True, 1, False)
-_AT_LEAST_1 = (1, True, None, False)
-NUMERIC_RANGES: dict[str, dict[str, tuple[float | None, bool, float | None, bool]]] = {
-    "model": {"d_model": _AT_LEAST_1, "layers": _AT_LEAST_1, "heads": _AT_LEAST_1, "mlp_ratio": _POSITIVE,
-              "dropout": _OPEN_SHARE, "language_prior": _OPEN_SHARE, "language_dim": _NON_NEGATIVE},
-    "adapter": {"hidden": _NON_NEGATIVE, "dropout": _OPEN_SHARE},  # hidden 0 = linear adapter
-    # Upper bounds where larger values overflow float32 logits: CLIP clamps the scale at 100;
-    # HN-NCE's exp(beta * logit) puts all weight on one negative long before beta = 100; a
-    # margin on cosines in [-1, 1] above 2 can never be met.
-    "loss": {"init_temperature": _POSITIVE, "max_logit_scale": (0, False, 1e4, True), "beta": (0, True, 100, True),
-             "max_margin": (0, True, 2, True)},
-    "train": {"epochs": _AT_LEAST_1, "batch_size": (2, True, None, False),  # negatives need a second pair
-              "lr": (0, False, 1, True), "weight_decay": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE,
-              "min_lr_ratio": _SHARE, "grad_clip": _NON_NEGATIVE,  # 0 = no clipping
-              "patience": _AT_LEAST_1, "seed": (0, True, 2**32, False),  # numpy's seed range
-              "log_every": _AT_LEAST_1, "eval_batch_size": _AT_LEAST_1},
-    "curriculum": {"hard_negatives": _SHARE, "hn_start": _SHARE, "hn_k": _AT_LEAST_1,
-                   "superloss_lambda": _POSITIVE, "weight_floor": _OPEN_SHARE, "trust_threshold": _OPEN_SHARE,
-                   "group_balance": _SHARE},
-}
-
-
-def range_words(rule: tuple[float | None, bool, float | None, bool]) -> str:
-    """``(0, True, 1, False)`` -> ``"in [0, 1)"``; ``(0, False, None, False)`` -> ``"> 0"``."""
-    lo, lo_in, hi, hi_in = rule
-    if hi is None:
-        return f"{'>=' if lo_in else '>'} {lo}"
-    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
-
-
-def in_range(value: float, rule: tuple[float | None, bool, float | None, bool]) -> bool:
-    lo, lo_in, hi, hi_in = rule
-    if not math.isfinite(value):
-        return False
-    above = lo is None or value > lo or (lo_in and value == lo)
-    below = hi is None or value < hi or (hi_in and value == hi)
-    return above and below
-
-
-def _non_finite(value: Any) -> bool:
-    """Whether ``value`` is, or holds (in lists and tables), a float that is nan or infinite."""
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_non_finite(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_non_finite(v) for v in value)
-    return False
-
-
-def check_section(section: str, values: Any, where: str) -> None:
-    """Every number of one section (a dataclass) finite, and in its range (``NUMERIC_RANGES[section]``)."""
-    rules = NUMERIC_RANGES.get(section, {})
-    for f in dataclasses.fields(values):
-        value = getattr(values, f.name)
-        rule = rules.get(f.name)
-        if rule is not None and not in_range(value, rule):
-            raise ConfigError(f"{where} {f.name} must be {range_words(rule)} (a finite number), got {value!r}")
-        if _non_finite(value):
-            raise ConfigError(f"{where} {f.name} must hold finite numbers, got {value!r}")
-
-
-def check_projection(model: ProjectionConfig, where: str) -> None:
-    """What the projection's shape needs beyond each number's own range."""
-    check_section("model", model, where)
-    if model.pool not in ("mean", "token"):
-        raise ConfigError(f"{where} pool = {model.pool!r}: use 'mean' or 'token'")
-    if model.d_model % model.heads:
-        raise ConfigError(f"{where} d_model = {model.d_model} must be a positive multiple of heads = {model.heads}")
-
-
-def projection_from_dict(raw: Any, where: str) -> ProjectionConfig:
-    """A recorded projection config (``oneencoder.json``), checked as a stage file's ``[model]``."""
-    config = _section(ProjectionConfig, raw, where)
-    check_projection(config, where)
-    return config
-
-
-def adapter_from_dict(raw: Any, where: str) -> AdapterConfig:
-    """A recorded adapter config (``oneencoder.json``), checked as a stage file's ``[adapter]``."""
-    config = _section(AdapterConfig, raw, where)
-    check_section("adapter", config, where)
-    return config
-
-
-def _check_numbers(config: StageConfig, source: str) -> None:
-    """Every number finite (pacer options and scorer weights included) and in its range."""
-    check_projection(config.model, f"{source}: [model]")
-    for section in ("adapter", "loss", "train", "curriculum"):
-        check_section(section, getattr(config, section), f"{source}: [{section}]")
-    if config.train.lr * config.train.weight_decay >= 1:  # AdamW scales each weight by 1 - lr * weight_decay per step
-        raise ConfigError(f"{source}: [train] lr * weight_decay must be < 1 (AdamW scales weights by "
-                          f"1 - lr * weight_decay each step), got {config.train.lr} * {config.train.weight_decay}")
-    for name, options in config.modality_options.items():
-        for key, value in options.items():
-            if _non_finite(value):
-                raise ConfigError(f"{source}: [modalities.{name}] {key} must be finite, got {value!r}")
-
-
-def _check_values(config: StageConfig, source: str) -> None:
-    """Values the dataclasses accept by type but the code cannot run with."""
-    checks = [
-        (config.loss.name in ("infonce", "hnnce", "margin"),
-         f"[loss] name = {config.loss.name!r}: use 'infonce', 'hnnce' or 'margin'"),
-        (config.curriculum.hn_source in ("frozen", "model"), "[curriculum] hn_source must be 'frozen' or 'model'"),
-        (config.curriculum.weighting in WEIGHTINGS,
-         f"[curriculum] weighting = {config.curriculum.weighting!r}: use one of {', '.join(WEIGHTINGS)}"),
-        (all(isinstance(w, (int, float)) and w >= 0 for w in config.curriculum.scorers.values()),
-         "[curriculum] scorers must map scorer names to non-negative weights"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{source}: {message}")

@@ -14,13 +14,12 @@ from . import distributed as ddp
 from .config import LossConfig
 from .curriculum.weights import SampleWeights
 from .pairs import PairSplit
+from .plan import loss_options
 
 
 def stage_loss(config: LossConfig) -> nn.Module:
-    """The stage's ``[loss]`` table as a loss module (``beta`` only reaches HN-NCE)."""
-    return create_loss(config.name, init_temperature=config.init_temperature, max_logit_scale=config.max_logit_scale,
-                       learn_temperature=config.learn_temperature,
-                       **({"beta": config.beta} if config.name == "hnnce" else {}))
+    """The stage's ``[loss]`` table as a loss module: the values its constructor takes (``plan.loss_options``)."""
+    return create_loss(config.name, **loss_options(config))
 
 
 class PairObjective(nn.Module):

@@ -22,6 +22,7 @@ from .config import StageConfig
 from .curriculum.difficulty import DifficultyTable, compute_difficulty, difficulty_path
 from .curriculum.samplers import mine_neighbours
 from .curriculum.scorers import list_scorers
+from .plan import CurriculumPlan
 
 
 @dataclass
@@ -112,25 +113,20 @@ def _aligned(values: np.ndarray, table: DifficultyTable, ids: list[str]) -> torc
     return torch.tensor([float(values[where[sid]]) for sid in ids], dtype=torch.float32)
 
 
-TRUST_SCORER, TRUST_MEASUREMENT = "pair_agreement", "clean_probability"
-
-
-def required_scorers(config: StageConfig) -> set[str]:
-    """Scorers the stage cannot run without: those it weights, and ``pair_agreement`` for trust weights."""
-    return set(config.curriculum.scorers) | ({TRUST_SCORER} if "trust" in config.curriculum.weighting else set())
-
-
 def stage_difficulty(config: StageConfig, records: list[dict], modalities: dict[str, Modality] | None = None,
-                     scorers: list[str] | None = None, force: bool = False) -> tuple[DifficultyTable, Path]:
+                     scorers: list[str] | None = None, force: bool = False,
+                     plan: CurriculumPlan | None = None) -> tuple[DifficultyTable, Path]:
     """Difficulty scores of the stage's training pairs, computed once and stored next to the cache.
 
     Every registered scorer that applies to the stage's modalities is computed (for
-    reports); those the stage needs (``required_scorers``), or ``scorers`` names, must
-    apply. A stored table is reused when it covers the same pairs and every needed scorer.
+    reports); those the stage needs (``plan.required_scorers``; the plan is resolved from
+    ``config`` if not given), or ``scorers`` names, must apply. A stored table is reused
+    when it covers the same pairs and every needed scorer.
     """
     modalities = modalities or stage_modalities(config)
     path = difficulty_path(config.data.cache_dir, tuple(config.modalities))
-    required = required_scorers(config) | set(scorers or [])
+    plan = plan or CurriculumPlan.from_config(config)
+    required = set(plan.required_scorers) | set(scorers or [])
     train = [r for r in records if r.get("split") == "train"]
     if path.exists() and not force:
         table = DifficultyTable.load(path)
@@ -148,9 +144,14 @@ def train_difficulty(config: StageConfig, table: DifficultyTable, train: PairSpl
     return _aligned(table.combined(config.curriculum.scorers), table, train.ids)
 
 
-def train_trust(table: DifficultyTable, train: PairSplit) -> torch.Tensor:
-    """``[N]`` probability that each training pair is correct (``pair_agreement``), in the split's order."""
-    return _aligned(table.measurements[TRUST_SCORER][TRUST_MEASUREMENT], table, train.ids)
+def train_trust(table: DifficultyTable, train: PairSplit, source: tuple[str, str]) -> torch.Tensor:
+    """``[N]`` probability that each training pair is correct, in the split's order.
+
+    Args:
+        source: ``(scorer, measurement)`` holding it (``CurriculumPlan.trust``).
+    """
+    scorer, measurement = source
+    return _aligned(table.measurements[scorer][measurement], table, train.ids)
 
 
 def pooled_frozen(train: PairSplit) -> torch.Tensor:

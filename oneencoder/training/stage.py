@@ -4,7 +4,8 @@ A stage aligns two modalities. Parts listed in ``trainable`` learn; everything
 else the model already holds is locked (Stage 1 trains the projection and both
 adapters; an add-modality stage trains one adapter and its token).
 
-The phases live in their own modules: ``pairs`` (modalities, banks, difficulty),
+The phases live in their own modules: ``plan`` (what the loss and curriculum need,
+resolved once from the config), ``pairs`` (modalities, banks, difficulty),
 ``objective`` (loss and validation), ``runs`` (settings and resume); this module
 builds the model and wires them to the :class:`~oneencoder.training.trainer.Trainer`.
 """
@@ -33,9 +34,10 @@ from .config import StageConfig
 from .curriculum.online import LossPredictor
 from .curriculum.samplers import build_sampler, mine_neighbours
 from .curriculum.weights import build_weights, group_balance_weights
-from .objective import PairObjective, retrieval_validator, stage_loss
+from .objective import PairObjective, retrieval_validator
 from .pairs import (frozen_neighbours, load_pair_split, locked_anchor, model_modalities, pooled_frozen,
                     require_pairs, stage_difficulty, stage_modalities, train_difficulty, train_trust)
+from .plan import CurriculumPlan
 from .runs import changed_settings, model_writer, remove_model_files, run_settings, RUN_SETTINGS
 from .trainer import Trainer
 
@@ -116,12 +118,6 @@ def _started_run(run_dir: Path) -> bool:
     return (run_dir / "last.safetensors").exists() or (run_dir / RUN_SETTINGS).exists()
 
 
-def _uses_difficulty(config: StageConfig) -> bool:
-    """Whether the stage reads the difficulty table (a pacer's order, margins, trust weights)."""
-    cur = config.curriculum
-    return cur.pacer != "random" or config.loss.name == "margin" or "trust" in cur.weighting
-
-
 def run_stage(config: StageConfig, model_dir: str | Path, *, resume: bool = True, overwrite: bool = False,
               replace: bool = False, restart_if_changed: bool = False, progress: bool = True,
               init_from: str | Path | None = None) -> dict[str, Any] | None:
@@ -157,6 +153,7 @@ def _run_stage(config: StageConfig, model_dir: Path, resume: bool, overwrite: bo
                restart_if_changed: bool, progress: bool, init_from: str | Path | None) -> dict[str, Any] | None:
     """:func:`run_stage` with the model directory's writer lock held."""
     init_from = Path(init_from) if init_from else None
+    plan = CurriculumPlan.from_config(config)  # what the loss and curriculum need, before any work
     run_dir = model_dir / "runs" / config.name
     device = ddp.rank_device(pick_device(config.train.device))
     ddp.init_distributed(device)
@@ -179,9 +176,9 @@ def _run_stage(config: StageConfig, model_dir: Path, resume: bool, overwrite: bo
     if ddp.world_size() > 1:  # the global batch, and so every step, depends on it
         settings["world_size"] = ddp.world_size()
     table = None
-    if _uses_difficulty(config):  # computed once; a re-scored table would change a resumed run's curriculum
+    if plan.needs_table:  # computed once; a re-scored table would change a resumed run's curriculum
         with ddp.main_process_first():  # rank 0 scores and stores; the others read the stored table
-            table, table_path = stage_difficulty(config, records, modalities)
+            table, table_path = stage_difficulty(config, records, modalities, plan=plan)
         settings["difficulty_sha256"] = sha256_file(table_path)
     if init_from is not None:
         settings["init_from"] = read_meta(init_from)["files"]  # the weights it starts from
@@ -204,13 +201,12 @@ def _run_stage(config: StageConfig, model_dir: Path, resume: bool, overwrite: bo
     require_pairs(records, modalities, train, val, config.data.manifest)
 
     # ----- objective: loss, curriculum, sampler
-    lc, cur = config.loss, config.curriculum
-    loss = stage_loss(lc)
-    needs_difficulty = cur.pacer != "random" or lc.name == "margin"
-    difficulty = train_difficulty(config, table, train) if needs_difficulty else None
+    cur = config.curriculum
+    loss = plan.build_loss()
+    difficulty = train_difficulty(config, table, train) if plan.needs_difficulty else None
     neighbours = frozen_neighbours(train, cur.hn_k) if cur.hard_negatives > 0 else None
-    margins = lc.max_margin * difficulty if lc.name == "margin" and difficulty is not None else None
-    trust = train_trust(table, train) if "trust" in cur.weighting else None
+    margins = plan.margins(difficulty)
+    trust = train_trust(table, train, plan.trust) if plan.trust is not None else None
     balance = group_balance_weights(train.group_codes, cur.group_balance) if cur.group_balance > 0 else None
     weights = build_weights(cur.weighting, trust, cur.superloss_lambda, cur.weight_floor, cur.trust_threshold,
                             balance)
@@ -221,8 +217,7 @@ def _run_stage(config: StageConfig, model_dir: Path, resume: bool, overwrite: bo
         fixed = embed_bank(model, anchor, train.banks[anchor], config.train.eval_batch_size).detach()
     network = torch.compile(model) if config.train.compile else model  # the loss and gathers stay eager
     objective = PairObjective(network, loss, pair, train, fixed_b=fixed, margins=margins, weights=weights)
-    predictor = (LossPredictor(pooled_frozen(train), seed=config.train.seed)
-                 if cur.pacer == "self_paced" and cur.loss_predictor else None)
+    predictor = LossPredictor(pooled_frozen(train), seed=config.train.seed) if plan.loss_predictor else None
     global_batch = config.train.batch_size * ddp.world_size()
     if global_batch > len(train.ids) and ddp.world_size() > 1:
         raise ConfigError(f"{ddp.world_size()} ranks × [train] batch_size {config.train.batch_size} = {global_batch} "

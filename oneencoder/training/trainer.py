@@ -35,11 +35,19 @@ _RANK_SEED_STRIDE = 1_000_003
 
 
 class BatchSampler(Protocol):
-    """Yields the sample indices of each optimizer step: the *global* batch (all ranks together)."""
+    """Yields the sample indices of each optimizer step: the *global* batch (all ranks together).
 
+    Everything the trainer reads of a sampler is declared here.
+    """
+
+    #: Pairs per step, all ranks together (each rank embeds ``batch_size / world_size``).
+    batch_size: int
     steps_per_epoch: int
 
     def batch(self, step: int, total_steps: int) -> torch.Tensor: ...
+
+    def observe(self, index: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
+        """Called after each step with its indices and detached per-pair losses (self-paced curricula)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -68,12 +76,25 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def _no_weight_decay(module: nn.Module) -> set[str]:
+    """Full names of the parameters that the submodules of ``module`` declare undecayed
+    (timm's ``no_weight_decay()``): the trainer knows no parameter by name."""
+    out: set[str] = set()
+    for prefix, sub in module.named_modules():
+        declared = getattr(sub, "no_weight_decay", None)
+        if callable(declared):
+            out |= {f"{prefix}.{name}" if prefix else name for name in declared()}
+    return out
+
+
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    # No decay on norms, biases, tokens and the temperature (as in CLIP/open_clip).
+    # No decay on norms, biases and the temperature (every parameter under 2-D), nor on what
+    # the model declares (its tokens and position tables), as in CLIP/open_clip.
+    skip = _no_weight_decay(module)
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and "token" not in name and "positions" not in name else no_decay).append(p)
+            (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -114,7 +135,7 @@ class Trainer:
         self.epoch_callbacks = epoch_callbacks or []  # run on every rank after each epoch
         self.distributed = ddp.is_distributed()
         self.rank, self.world = ddp.rank(), ddp.world_size()
-        batch = getattr(sampler, "batch_size", self.world)
+        batch = sampler.batch_size
         if batch % self.world:
             raise ConfigError(f"the global batch of {batch} pairs does not split over {self.world} ranks; "
                               "the training split may hold fewer pairs than ranks × [train] batch_size")
@@ -237,9 +258,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        observe = getattr(self.sampler, "observe", None)
-        if observe is not None and "per_sample" in out:  # self-paced curricula track per-sample losses
-            observe(global_index, out["per_sample"].detach())
+        if "per_sample" in out:  # self-paced curricula track per-sample losses
+            self.sampler.observe(global_index, out["per_sample"].detach())
         logs = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
         if not math.isfinite(logs["loss"]):
             raise TrainingDiverged(f"step {self.step}: the loss is {logs['loss']}; training diverged. Lower "

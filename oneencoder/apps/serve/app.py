@@ -1,24 +1,27 @@
 """The retrieval explorer: one server-rendered page over a model and its indexes (Starlette).
 
-``GET /`` shows three query forms (text, an uploaded file, SMILES); ``POST /search``
-embeds the query once and shows the top k of every index with scores: thumbnails for
-images, players for sounds and videos, RDKit depictions for molecules. Files are served
-only when they are the indexed inputs of a file modality (``GET /media/{index}/{row}/input``),
-never by a path or another field of the item. A query the model cannot read (a corrupt
-upload, a wrong SMILES) is a message on the page with status 400; one over a limit gets a
-4xx naming the limit; the server goes on serving.
+Serve knows no modality by name: each one's spec and methods say how the page treats it.
+``GET /`` shows a box for every modality of the model whose spec names a ``typed_query``
+(the free-text one, whose records are captions, first), and one upload form for the
+modalities that read files. ``POST /search`` embeds the query once and shows the top k of
+every index with scores. A hit shows the modality's own picture of its input
+(``Modality.depict``, e.g. a drawn molecule) and, for a file, what its MIME type calls for:
+a thumbnail for ``image/*``, a player for ``audio/*`` and ``video/*``, else a link. Files
+are served only when they are the indexed inputs of a file modality
+(``GET /media/{index}/{row}/input``), never by a path or another field of the item. A query
+the model cannot read (a corrupt upload, a wrong SMILES) is a message on the page with
+status 400; one over a limit gets a 4xx naming the limit; the server goes on serving.
 
-The event loop never runs native work: decoding and featurising the query, RDKit
-drawings and thumbnails run in a few worker processes (:mod:`.workers`) with a time limit
-per job, so a hostile input that hangs or crashes its worker fails alone while ``/health``
-and every other request are answered; the model's forward pass runs in a thread.
+The event loop never runs native work: decoding and featurising the query, pictures and
+thumbnails run in a few worker processes (:mod:`.workers`) with a time limit per job, so a
+hostile input that hangs or crashes its worker fails alone while ``/health`` and every
+other request are answered; the model's forward pass runs in a thread.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import io
 import logging
 import mimetypes
@@ -38,7 +41,7 @@ import torch
 from ...deps import require
 from ...errors import OneEncoderError, SampleError
 from ...features.inputs import modality_of_file
-from ...modality import MODALITIES
+from ...modality import MODALITIES, Modality
 from ..api import OneEncoder, load
 from ..index import VectorIndex, load_index
 from ..zeroshot import caption_modality
@@ -50,22 +53,19 @@ log = logging.getLogger("oneencoder.apps.serve")
 MAX_UPLOAD = 50 << 20
 #: Largest request body (bytes): an upload plus room for the form's other fields; more is a 413.
 MAX_BODY = MAX_UPLOAD + (1 << 20)
-#: Longest text or SMILES query (characters); a longer one is a 400 before any work.
+#: Longest typed query (characters); a longer one is a 400 before any work. Longer inputs of
+#: an index are not sent to be drawn either (``Modality.depict``).
 MAX_QUERY_CHARS = 10_000
-#: SMILES drawn with RDKit only up to this length and atom count (drawing time grows
-#: quadratically: 5,000 atoms drew for over 100 s); a larger molecule is shown without a picture.
-MAX_DRAW_CHARS = 1_000
-MAX_DRAW_ATOMS = 250
-#: Images thumbnailed only up to this many pixels (as the image modality's own limit).
+#: Images thumbnailed only up to this many pixels (as the image modalities' own limit).
 MAX_THUMB_PIXELS = 8192 * 8192
-#: Default seconds one query's decoding, featurising or one drawing may take in a worker.
+#: Default seconds one query's decoding, featurising or one picture may take in a worker.
 QUERY_TIMEOUT = 30.0
 #: Default worker processes for that work (queries decoded at once).
 WORKERS = 2
 _THUMB = 224  # px, longest side of a result thumbnail
 _PREVIEW_MAX = 8 << 20  # uploads up to this size are echoed back inline on the results page
-_MEDIA_ORDER = {"image": 0, "molecule": 1, "video": 2, "audio": 3}
-_MOLECULE = "molecule"  # the modality whose inputs (SMILES) get an RDKit depiction
+_UPLOAD = "file"  # the upload form's ``kind``
+_FORM_FIELDS = {_UPLOAD, "kind", "as", "k"}  # names a typed query's box cannot take
 
 
 @dataclass
@@ -73,43 +73,54 @@ class Query:
     """One query as the page shows it."""
 
     modality: str
-    shown: str  # text, SMILES or the uploaded file's name
-    preview: str | None = None  # data: URI of an uploaded image/sound, or an inline SVG of a molecule
+    shown: str  # the typed query, or the uploaded file's name
+    preview: str | None = None  # data: URI of an uploaded image, sound or video
+    picture: str | None = None  # SVG of a typed query, drawn by its modality (``Modality.depict``)
 
 
-def _file_fields() -> dict[str, str]:
-    """Manifest field -> modality, for every registered modality whose inputs are files."""
-    out = {}
-    for name in MODALITIES.names():
+@dataclass(frozen=True)
+class QueryForm:
+    """One query form of the page: a typed box for one modality, or the upload for the file modalities."""
+
+    kind: str  # the form's ``kind`` field; a typed box's input field has the same name
+    label: str
+    modalities: tuple[str, ...]
+    example: str = ""
+
+
+def _depicts(modality: str) -> bool:
+    """Whether the modality draws its inputs (overrides ``Modality.depict``): only then a worker is asked."""
+    return MODALITIES.get(modality).depict is not Modality.depict
+
+
+def _typed_modalities() -> dict[str, str]:
+    """Typed query field -> modality, for every registered modality (to name what a model lacks)."""
+    specs = [MODALITIES.get(name).spec for name in MODALITIES.names()]
+    return {spec.typed_query: spec.name for spec in specs if spec.typed_query and not spec.reads_files}
+
+
+def query_forms(modalities: Sequence[str], free_text: str | None) -> list[QueryForm]:
+    """The page's query forms, from the modalities' specs: the ``free_text`` modality's box,
+    then the upload for every modality that reads files, then the other typed boxes.
+
+    A typed box whose name another form already uses is left out, with a warning.
+    """
+    typed: list[QueryForm] = []
+    files: list[str] = []
+    for name in modalities:
         spec = MODALITIES.get(name).spec
         if spec.reads_files:
-            out[spec.record_key] = name
-    return out
-
-
-@functools.lru_cache(maxsize=2048)
-def molecule_svg(smiles: str, width: int = 220, height: int = 160) -> str | None:
-    """RDKit's 2-D depiction of ``smiles`` as an SVG string.
-
-    None if RDKit cannot parse it, or if it is over :data:`MAX_DRAW_CHARS` characters or
-    :data:`MAX_DRAW_ATOMS` atoms: drawing grows much faster than the molecule, so this cap
-    holds here whatever the molecule modality accepts. The server runs this in a worker.
-    """
-    from rdkit import Chem, rdBase
-    from rdkit.Chem.Draw import rdMolDraw2D
-
-    if not isinstance(smiles, str) or len(smiles) > MAX_DRAW_CHARS:
-        return None
-    with rdBase.BlockLogs():
-        mol = Chem.MolFromSmiles(smiles)
-    if mol is None or mol.GetNumAtoms() > MAX_DRAW_ATOMS:
-        return None
-    drawer = rdMolDraw2D.MolDraw2DSVG(width, height)
-    drawer.drawOptions().clearBackground = False
-    rdMolDraw2D.PrepareAndDrawMolecule(drawer, mol)
-    drawer.FinishDrawing()
-    svg = drawer.GetDrawingText()
-    return svg[svg.find("<svg"):]  # without the XML declaration, to inline it in HTML
+            files.append(name)
+        elif spec.typed_query:
+            if spec.typed_query in _FORM_FIELDS | {f.kind for f in typed}:
+                log.warning("the %s modality's typed query %r clashes with another form field; it has no box",
+                            name, spec.typed_query)
+                continue
+            typed.append(QueryForm(spec.typed_query, spec.typed_query_label or name, (name,),
+                                   spec.typed_query_example))
+    upload = [QueryForm(_UPLOAD, f"File ({', '.join(files)})", tuple(files))] if files else []
+    first = [f for f in typed if f.modalities[0] == free_text]
+    return first + upload + [f for f in typed if f not in first]
 
 
 def thumbnail_png(path: str | Path, side: int = _THUMB) -> bytes:
@@ -147,6 +158,11 @@ def _init_worker(modalities: dict[str, tuple[str, Any]]) -> None:
     for name, (how, value) in modalities.items():
         _WORKER_MODALITIES[name] = pickle.loads(value) if how == "pickle" else modality_from_meta(
             name, value, check_weights=False)
+
+
+def _depict_job(modality: str, value: Any) -> str | None:
+    """The modality's picture of one input (``Modality.depict``): what may be slow or crash."""
+    return _WORKER_MODALITIES[modality].depict(value)
 
 
 def _prepare_job(modality: str, value: Any) -> Any:
@@ -193,7 +209,7 @@ class Explorer:
         k: Results per index.
         device: Where the model runs.
         workers: Processes that decode queries and draw (see :mod:`.workers`).
-        timeout: Seconds one query's decoding (or one drawing, one thumbnail) may take.
+        timeout: Seconds one query's decoding (or one picture, one thumbnail) may take.
     """
 
     def __init__(self, model_dir: str | Path, index_dirs: Sequence[str | Path], k: int = 8,
@@ -210,7 +226,7 @@ class Explorer:
             self.indexes.append((Path(path), index))
         self.k, self.timeout = k, float(timeout)
         self._lock = threading.Lock()
-        self._drawings, self._thumbnails = _Memo(2048), _Memo(1024)
+        self._pictures, self._thumbnails = _Memo(2048), _Memo(1024)
         self.pool = WorkerPool(workers, init=_init_worker, init_args=(self._worker_modalities(),))
 
     def _worker_modalities(self) -> dict[str, tuple[str, Any]]:
@@ -253,18 +269,22 @@ class Explorer:
         return [{"no": no, "path": str(path), "index": index, "hits": index.search(query, k or self.k).hits[0]}
                 for no, (path, index) in enumerate(self.indexes)]
 
-    def drawing(self, smiles: str) -> str | None:
-        """RDKit's SVG of ``smiles``, drawn in a worker (None: unparsable, too large, too slow, crashed)."""
+    def depiction(self, modality: str, value: Any) -> str | None:
+        """The modality's SVG of one input, drawn in a worker (cached).
+
+        None when the modality draws nothing, or for this input (unreadable, too large, too
+        slow, crashed its worker): the page shows the input without a picture.
+        """
         def draw() -> str | None:
             try:
-                return self.pool.call(molecule_svg, smiles, timeout=self.timeout)
-            except (OneEncoderError, RuntimeError) as e:  # the page shows the molecule without a picture
-                log.warning("no drawing of a %d-character SMILES: %s", len(smiles), e)
+                return self.pool.call(_depict_job, modality, value, timeout=self.timeout)
+            except (OneEncoderError, RuntimeError) as e:
+                log.warning("no picture of a %d-character %s input: %s", len(value), modality, e)
                 return None
 
-        if not isinstance(smiles, str) or len(smiles) > MAX_DRAW_CHARS:
+        if not _depicts(modality) or not isinstance(value, str) or len(value) > MAX_QUERY_CHARS:
             return None  # not even sent to a worker
-        return self._drawings.get(smiles, draw)
+        return self._pictures.get((modality, value), draw)
 
     def thumbnail(self, path: str) -> bytes:
         """A PNG thumbnail of an indexed image file, made in a worker (cached)."""
@@ -288,29 +308,26 @@ class Explorer:
         return index.modality, value
 
     def decorate(self, no: int, hit: dict[str, Any]) -> dict[str, Any]:
-        """What the page shows of a hit: its media (``[(kind, url or svg)]``) and a caption."""
+        """What the page shows of a hit: its modality's ``picture`` (SVG), its ``file`` (a URL)
+        with the file's ``mime`` type, and its ``caption`` (else a typed input itself)."""
         index = self.indexes[no][1]
         item = hit["item"]
         value = item.get("input")
-        media: list[tuple[str, str]] = []
         reads_files = MODALITIES.get(index.modality).spec.reads_files
+        shown: dict[str, Any] = {"picture": None, "file": None, "mime": ""}
         if isinstance(value, str):
-            if index.modality == _MOLECULE:
-                svg = self.drawing(value)
-                if svg:
-                    media.append(("molecule", svg))
-            elif reads_files:
-                media.append((media_kind(value), f"media/{no}/{hit['row']}/input"))
+            shown["picture"] = self.depiction(index.modality, value)
+            if reads_files:
+                shown.update(file=f"media/{no}/{hit['row']}/input", mime=mime_type(value))
         caption = item.get("caption")
-        text = (caption if isinstance(caption, str) and caption else None) or (None if reads_files else value)
-        return {**hit, "media": media, "text": text}
+        words = (caption if isinstance(caption, str) and caption else None) or (None if reads_files else value)
+        return {**hit, **shown, "caption": words}
 
 
-def media_kind(path: str) -> str:
-    """How the page shows a file, by its MIME type: ``image`` (a thumbnail), ``audio`` or ``video``
-    (a player), else ``file`` (a link)."""
-    kind = (mimetypes.guess_type(path)[0] or "").split("/")[0]
-    return kind if kind in _MEDIA_ORDER else "file"
+def mime_type(path: str) -> str:
+    """The file's MIME type from its name (``""`` if unknown): the page shows ``image/*`` as a
+    thumbnail, ``audio/*`` and ``video/*`` in a player, anything else as a link."""
+    return mimetypes.guess_type(path)[0] or ""
 
 
 def _data_uri(data: bytes, filename: str) -> str | None:
@@ -367,7 +384,7 @@ def create_app(model_dir: str | Path, index_dirs: Sequence[str | Path], k: int =
     """The Starlette application (an ASGI app for uvicorn or any ASGI server).
 
     Args:
-        workers: Processes that decode queries and draw molecules (see :mod:`.workers`).
+        workers: Processes that decode queries and draw pictures (see :mod:`.workers`).
         timeout: Seconds one query's decoding may take before it is stopped (a 400 naming the limit).
     """
     require("starlette")
@@ -382,16 +399,18 @@ def create_app(model_dir: str | Path, index_dirs: Sequence[str | Path], k: int =
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
                              autoescape=jinja2.select_autoescape(["html"]))
     page = env.get_template("page.html")
-    file_modalities = [m for m in explorer.model.modalities if MODALITIES.get(m).spec.reads_files]
     try:
-        text_modality: str | None = caption_modality(explorer.model)
+        free_text: str | None = caption_modality(explorer.model)  # the modality whose records are captions
     except OneEncoderError:
-        text_modality = None  # a model without captions: no text box
+        free_text = None
+    forms = query_forms(explorer.model.modalities, free_text)
+    by_kind = {f.kind: f for f in forms}
+    file_modalities = list(by_kind[_UPLOAD].modalities) if _UPLOAD in by_kind else []
+    typed_anywhere = _typed_modalities()  # so a box this model lacks names the modality it needs
 
     def render(status: int = 200, **context: Any) -> HTMLResponse:
-        html = page.render(model=explorer.model, indexes=explorer.indexes, k=explorer.k,
-                           file_modalities=file_modalities, has_text=text_modality is not None,
-                           has_molecule=_MOLECULE in explorer.model.modalities, **context)
+        html = page.render(model=explorer.model, indexes=explorer.indexes, k=explorer.k, forms=forms,
+                           upload=_UPLOAD, **context)
         return HTMLResponse(html, status_code=status)
 
     async def home(request: Request) -> Response:
@@ -410,7 +429,7 @@ def create_app(model_dir: str | Path, index_dirs: Sequence[str | Path], k: int =
             return render(413, error=_too_large_text())
         except Exception as e:  # malformed multipart bodies have several exception types
             return render(400, error=f"could not read the form: {str(e)[:200]}")
-        kind = str(form.get("kind") or "text")
+        kind = str(form.get("kind") or (forms[0].kind if forms else _UPLOAD))
         try:
             k_value = int(form.get("k") or explorer.k)
         except (ValueError, TypeError):  # TypeError: a file part named k
@@ -418,26 +437,17 @@ def create_app(model_dir: str | Path, index_dirs: Sequence[str | Path], k: int =
         k_value = max(1, min(100, k_value))
         tmp_path = None
         try:
-            if kind in ("text", "smiles"):
+            if kind != _UPLOAD and (kind in by_kind or kind in typed_anywhere):
                 typed = str(form.get(kind) or "").strip()
-                if len(typed) > MAX_QUERY_CHARS:  # before any work: RDKit's cost grows with the size
+                if len(typed) > MAX_QUERY_CHARS:  # before any work: a parser's cost may grow with the size
                     raise OneEncoderError(f"the {kind} query has {len(typed):,} characters, over serve's limit "
                                           f"of {MAX_QUERY_CHARS:,}")
-            if kind == "text":
-                text = typed
-                if not text:
-                    raise OneEncoderError("type a text query first")
-                if text_modality is None:
-                    raise OneEncoderError("this model has no text modality")
-                query, value = Query(text_modality, text), text
-            elif kind == "smiles":
-                smiles = typed
-                if not smiles:
-                    raise OneEncoderError("paste a SMILES string first")
-                if _MOLECULE not in explorer.model.modalities:
-                    raise OneEncoderError("this model has no molecule modality")
-                query, value = Query(_MOLECULE, smiles), smiles
-            elif kind == "file":
+                if not typed:
+                    raise OneEncoderError(f"type a {kind} query first")
+                if kind not in by_kind:
+                    raise OneEncoderError(f"this model has no {typed_anywhere[kind]} modality")
+                query, value = Query(by_kind[kind].modalities[0], typed), typed
+            elif kind == _UPLOAD:
                 upload = form.get("file")
                 if upload is None or isinstance(upload, str) or not upload.filename:
                     raise OneEncoderError("choose a file to upload first")
@@ -473,9 +483,9 @@ def create_app(model_dir: str | Path, index_dirs: Sequence[str | Path], k: int =
             if tmp_path:
                 Path(tmp_path).unlink(missing_ok=True)
 
-        def decorate() -> list[dict[str, Any]]:  # drawings come from the workers: off the loop too
-            if query.modality == _MOLECULE:
-                query.preview = explorer.drawing(query.shown)
+        def decorate() -> list[dict[str, Any]]:  # pictures come from the workers: off the loop too
+            if kind != _UPLOAD:
+                query.picture = explorer.depiction(query.modality, query.shown)
             return [{**r, "hits": [explorer.decorate(r["no"], h) for h in r["hits"]]} for r in results]
 
         shown = await run_in_threadpool(decorate)
@@ -485,7 +495,7 @@ def create_app(model_dir: str | Path, index_dirs: Sequence[str | Path], k: int =
         p = request.path_params
         try:
             _, path = explorer.media(int(p["no"]), int(p["row"]), p["field"])
-            if media_kind(path) == "image":
+            if mime_type(path).startswith("image/"):
                 png = await run_in_threadpool(explorer.thumbnail, path)
                 return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
         except (OneEncoderError, OSError, ValueError) as e:

@@ -185,6 +185,7 @@ class PairAgreement(Scorer):
     """
 
     name = "pair_agreement"
+    provides_trust = "clean_probability"
     default_options = {"use": ("frozen", "probe"), "k": 10, "folds": 5, "ridge": None, "seed": 0}
 
     def __call__(self, ctx: ScoringContext) -> ScorerResult:

@@ -13,6 +13,10 @@ the *order* in which data arrives, never which data is dropped.
 * ``"online"``: the current per-sample loss tracked during training (self-paced);
 * ``"none"``: no ranking at all (the window is always everything).
 
+The order is the pacer's declaration of what it needs, which the training plan reads:
+every order but ``"none"`` needs the difficulty table (``"online"`` ranks samples it has
+not yet seen by it), and ``"online"`` needs the per-pair losses of each step.
+
 Example:
     >>> pacer = create_pacer("root", start=0.2, full_at=0.8)
     >>> pacer(0.0)
@@ -47,6 +51,16 @@ class Pacer:
     order: ClassVar[str] = "static"
     #: ``lo`` stays 0 and ``hi`` never shrinks.
     cumulative: ClassVar[bool] = True
+    #: Follow from ``order`` (set for every subclass): the difficulty table is read ...
+    needs_difficulty: ClassVar[bool] = True
+    #: ... and each step's per-pair losses are observed (the trainer reports them).
+    needs_per_pair_losses: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Derived, never set by hand, so the declaration cannot contradict the order.
+        cls.needs_difficulty = cls.order != "none"
+        cls.needs_per_pair_losses = cls.order == "online"
 
     def __init__(self, start: float = 0.25, full_at: float = 0.8) -> None:
         if not 0.0 < start <= 1.0:

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import ConfigError
 from ...fileio import atomic_path, write_text_atomic
 from .difficulty import DifficultyTable
 from .pacers import create_pacer, list_pacers, schedule
-from .scorers import rank_normalise
+from .scorers import rank_normalise, trust_source
 
 
 def _pyplot() -> Any:
@@ -147,14 +148,21 @@ def _top_measurements(table: DifficultyTable, i: int, prefer: list[str], limit: 
     return "\n".join(parts[:limit])
 
 
-SUSPECT_SCORER = "pair_agreement"
+def _trust_in(table: DifficultyTable) -> tuple[str, str] | None:
+    """``(scorer, measurement)`` of the trust source (``trust_source``) if the table holds it."""
+    try:
+        scorer, measurement = trust_source(table.scores)
+    except ConfigError:
+        return None
+    return (scorer, measurement) if measurement in table.measurements.get(scorer, {}) else None
 
 
-def _suspect_section(table: DifficultyTable, suspects: list[int], rows: Any) -> str:
-    if not suspects:
+def _suspect_section(table: DifficultyTable, trust: tuple[str, str] | None, suspects: list[int], rows: Any) -> str:
+    if not suspects or trust is None:
         return ""
-    clean = table.measurements[SUSPECT_SCORER]["clean_probability"]
-    return (f"<h2>12 most suspect pairs</h2><p>By <code>{SUSPECT_SCORER}</code>: the two sides agree least "
+    scorer, measurement = trust
+    clean = table.measurements[scorer][measurement]
+    return (f"<h2>12 most suspect pairs</h2><p>By <code>{scorer}</code>: the two sides agree least "
             f"(CSLS in frozen spaces, cross-fitted probe). Estimated share of wrong pairs: "
             f"<b>{1 - float(np.mean(clean)):.1%}</b> (mean of 1 − clean probability). The <code>trust</code> "
             f"weighting uses each pair's clean probability as its loss weight.</p>"
@@ -176,9 +184,10 @@ def write_report(table: DifficultyTable, records: list[dict], out_dir: str | Pat
     easiest = plot_extremes(table, combined, by_id, "easiest", out / "easiest.png", list(weights))
     hardest = plot_extremes(table, combined, by_id, "hardest", out / "hardest.png", list(weights))
     suspects: list[int] = []
-    if SUSPECT_SCORER in table.scores:  # which pairs look wrong, and the measurements behind it
-        suspects = plot_extremes(table, table.scores[SUSPECT_SCORER], by_id, "hardest", out / "suspects.png",
-                                 [SUSPECT_SCORER], title="12 most suspect pairs (least agreement)", limit=4)
+    trust = _trust_in(table)
+    if trust is not None:  # which pairs look wrong, and the measurements behind it
+        suspects = plot_extremes(table, table.scores[trust[0]], by_id, "hardest", out / "suspects.png",
+                                 [trust[0]], title="12 most suspect pairs (least agreement)", limit=4)
 
     def rows(idx: list[int]) -> str:
         lines = []
@@ -203,7 +212,7 @@ Pacer <b>{html.escape(pacer)}</b> over {total_steps} steps; hard-negative share 
 <h2>Pacing schedule</h2><img src="pacing_schedule.png" alt="pacing schedule">
 <h2>12 easiest samples</h2><img src="easiest.png" alt="easiest"><table><tr><th>id</th><th>caption</th><th>score</th><th>measurements</th></tr>{rows(easiest)}</table>
 <h2>12 hardest samples</h2><img src="hardest.png" alt="hardest"><table><tr><th>id</th><th>caption</th><th>score</th><th>measurements</th></tr>{rows(hardest)}</table>
-{_suspect_section(table, suspects, rows)}
+{_suspect_section(table, trust, suspects, rows)}
 </body></html>
 """
     write_text_atomic(out / "index.html", page)

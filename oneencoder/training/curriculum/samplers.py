@@ -50,6 +50,9 @@ class RandomBatchSampler:
             self._epoch_of_order = epoch
         return self._order[pos * self.batch_size : (pos + 1) * self.batch_size]
 
+    def observe(self, index: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
+        """Nothing: a random order never depends on the losses."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state(), "order": self._order,
                 "epoch": torch.tensor(self._epoch_of_order)}
@@ -372,10 +375,10 @@ def build_sampler(config: Any, n: int, batch_size: int, seed: int,
     hard = float(getattr(config, "hard_negatives", 0.0))
     hn_start = float(getattr(config, "hn_start", 0.0))
     pacer = create_pacer(name, **options)
-    if pacer.order == "none" and hard == 0.0 and hn_start == 0.0:
+    if not pacer.needs_difficulty and hard == 0.0 and hn_start == 0.0:
         return RandomBatchSampler(n, batch_size, seed)
     if difficulty is None:
-        if pacer.order != "none":
+        if pacer.needs_difficulty:
             raise ConfigError(f"[curriculum] pacer = {name!r} orders samples by difficulty, but no difficulty "
                               f"scores were given (score the training pairs first)")
         difficulty = np.zeros(n)  # unused: the random pacer never orders

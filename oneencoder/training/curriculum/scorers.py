@@ -23,13 +23,14 @@ import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
 from ...deps import require
 from ...errors import ConfigError, MissingDependencyError
-from ...registry import Registry, check_options
+from ...options import parse_options
+from ...registry import Registry
 
 IMAGE_MEASUREMENTS = ("edge_density", "colour_entropy", "foreground_fraction")
 _WORD = re.compile(r"\w+")
@@ -151,15 +152,19 @@ class ScorerResult:
 class Scorer(ABC):
     """Base class of a difficulty scorer; options arrive as keyword arguments.
 
-    Unknown options are a ``ConfigError``, as for modalities.
+    They are checked as modality options are (:func:`oneencoder.options.parse_options`):
+    an unknown one, or one of another type or out of its range, is a ``ConfigError``.
     """
 
     name: ClassVar[str]
     #: Options a stage file may set, with their defaults.
     default_options: ClassVar[dict[str, Any]] = {}
+    #: The measurement holding each pair's probability of being correct, if this scorer
+    #: estimates one: the ``trust`` weighting's per-pair weights (see ``trust_source``).
+    provides_trust: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:
-        self.options = check_options(f"difficulty scorer {self.name!r}", self.default_options, options)
+        self.options = parse_options(f"difficulty scorer {self.name!r}", self.default_options, options)
 
     @abstractmethod
     def __call__(self, ctx: ScoringContext) -> ScorerResult:
@@ -180,6 +185,27 @@ def list_scorers() -> list[str]:
 def create_scorer(name: str, **options: Any) -> Scorer:
     """Instantiate a registered scorer with its options."""
     return SCORERS.create(name, **options)
+
+
+def trust_source(preferred: Iterable[str] = ()) -> tuple[str, str]:
+    """``(scorer, measurement)`` giving each pair's probability of being correct.
+
+    The one registered scorer that declares ``provides_trust``; if several do, the one
+    among ``preferred`` (the stage's weighted scorers).
+
+    Raises:
+        ConfigError: No scorer provides trust, or several do and ``preferred`` does not pick one.
+    """
+    providers = [n for n in list_scorers() if SCORERS.get(n).provides_trust]
+    if not providers:
+        raise ConfigError("trust weights need a difficulty scorer that estimates whether a pair is correct "
+                          "(one that declares provides_trust); none is registered")
+    chosen = providers if len(providers) == 1 else [n for n in providers if n in set(preferred)]
+    if len(chosen) != 1:
+        raise ConfigError(f"several scorers estimate whether a pair is correct ({', '.join(providers)}); "
+                          "give exactly one of them a weight in [curriculum] scorers to choose the trust source")
+    name = chosen[0]
+    return name, str(SCORERS.get(name).provides_trust)
 
 
 # ----- text -----------------------------------------------------------------------------

@@ -15,6 +15,10 @@ is. Three sources, which multiply:
 
 Trust and group balance are fixed per pair and multiply into one tensor. Every pair stays in the sampling pool; ``floor`` keeps every weight at least that large.
 
+A ``[curriculum] weighting`` names a registered :class:`Weighting`, which declares what it
+needs: ``needs_trust`` (the trust scorer's clean probabilities) and
+``needs_per_pair_losses`` (SuperLoss's confidence from the batch's current losses).
+
 Example:
     >>> weights = SampleWeights(fixed=clean_probability, superloss=1.0)
     >>> out = loss(ea, eb, groups, weight=weights.batch(index))
@@ -23,13 +27,70 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
 from ...errors import ConfigError
+from ...registry import Registry
 
-WEIGHTINGS = ("none", "trust", "superloss", "trust+superloss")
+
+class Weighting:
+    """A ``[curriculum] weighting``: which of the two weight sources multiply into a pair's loss weight.
+
+    ``build_weights`` reads the declarations; ``group_balance`` multiplies in regardless.
+    """
+
+    name: ClassVar[str] = ""
+    #: Fixed weights: each pair's probability of being correct (``scorers.trust_source``).
+    needs_trust: ClassVar[bool] = False
+    #: Self-paced weights from the batch's current per-pair losses (SuperLoss).
+    needs_per_pair_losses: ClassVar[bool] = False
+
+
+WEIGHTING_REGISTRY: Registry[Weighting] = Registry("weighting")
+register_weighting = WEIGHTING_REGISTRY.register
+
+
+@register_weighting
+class NoWeighting(Weighting):
+    """Every pair counts 1 (``group_balance`` may still weight caption groups)."""
+
+    name = "none"
+
+
+@register_weighting
+class TrustWeighting(Weighting):
+    """Each pair counts by its clean probability (or 1 / floor around ``trust_threshold``)."""
+
+    name = "trust"
+    needs_trust = True
+
+
+@register_weighting
+class SuperLossWeighting(Weighting):
+    """SuperLoss: a loss far above the batch's mean counts less."""
+
+    name = "superloss"
+    needs_per_pair_losses = True
+
+
+@register_weighting
+class TrustSuperLossWeighting(Weighting):
+    """The product of ``trust`` and ``superloss``."""
+
+    name = "trust+superloss"
+    needs_trust = True
+    needs_per_pair_losses = True
+
+
+#: Names of the built-in weightings, in the order the docs list them (``list_weightings`` has plugins too).
+WEIGHTINGS = tuple(c.name for c in (NoWeighting, TrustWeighting, SuperLossWeighting, TrustSuperLossWeighting))
+
+
+def list_weightings() -> list[str]:
+    """Names of every registered weighting."""
+    return WEIGHTING_REGISTRY.names()
 
 
 def lambert_w0(y: torch.Tensor, iterations: int = 12) -> torch.Tensor:
@@ -108,9 +169,10 @@ def build_weights(weighting: str, trust: torch.Tensor | None, superloss_lambda: 
     or above it, else ``floor`` (the pairs below still stay in the pool). ``balance``
     (``group_balance_weights``) multiplies the fixed per-pair weights.
     """
-    if weighting not in WEIGHTINGS:
-        raise ConfigError(f"[curriculum] weighting = {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
-    uses_trust = "trust" in weighting
+    if weighting not in WEIGHTING_REGISTRY:
+        raise ConfigError(f"[curriculum] weighting = {weighting!r}: use one of {', '.join(list_weightings())}")
+    kind = WEIGHTING_REGISTRY.get(weighting)
+    uses_trust = kind.needs_trust
     if uses_trust and trust is None:
         raise ConfigError(f"[curriculum] weighting = {weighting!r} needs the pair_agreement scorer's clean "
                           "probabilities")
@@ -119,7 +181,7 @@ def build_weights(weighting: str, trust: torch.Tensor | None, superloss_lambda: 
     fixed = torch.as_tensor(trust).float() if uses_trust else None
     if balance is not None:
         fixed = balance.float() if fixed is None else fixed * balance.float()
-    superloss = superloss_lambda if "superloss" in weighting else None
+    superloss = superloss_lambda if kind.needs_per_pair_losses else None
     if fixed is None and superloss is None:
         return None
     return SampleWeights(fixed, superloss, floor)
