@@ -11,6 +11,7 @@ import typer
 from oneencoder.data.manifest import read_manifest
 from oneencoder.training.config import load_stage
 from oneencoder.training.curriculum.report import write_report
+from oneencoder.training.curriculum.scorers import trust_source
 from oneencoder.training.pairs import stage_difficulty
 
 from ._common import data_overrides, echo, quiet_libraries, user_errors
@@ -39,10 +40,11 @@ def score(
     names = [s.strip() for s in scorers.split(",")] if scorers else None
     table, path = stage_difficulty(config, read_manifest(config.data.manifest), scorers=names, force=True)
     echo(f"scored {len(table.ids)} training pairs with {', '.join(table.scores)} -> {path}")
-    clean = table.measurements.get("pair_agreement", {}).get("clean_probability")
+    scorer, measurement = trust_source(table.scores)
+    clean = table.measurements.get(scorer, {}).get(measurement)
     if clean is not None:
         suspect = int((clean < 0.5).sum())
-        echo(f"pair_agreement: about {1 - float(clean.mean()):.1%} of the pairs look wrong "
+        echo(f"{scorer}: about {1 - float(clean.mean()):.1%} of the pairs look wrong "
              f"({suspect} with clean probability < 0.5); see `oneencoder curriculum report`")
 
 

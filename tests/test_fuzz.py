@@ -47,6 +47,7 @@ from oneencoder.data.table_import import import_table  # noqa: E402
 from oneencoder.errors import OneEncoderError, SampleError  # noqa: E402
 from oneencoder.fileio import MAX_JSON_DEPTH  # noqa: E402
 from oneencoder.modality import create_stage_modalities, get_modality_class  # noqa: E402
+from oneencoder.model.losses import LOSSES  # noqa: E402
 from oneencoder.model.parts import build_model  # noqa: E402
 from oneencoder.training.config import (AdapterConfig, CurriculumConfig, LossConfig, ProjectionConfig, TrainConfig,  # noqa: E402
                                         load_stage)
@@ -272,7 +273,8 @@ def _one_step(config) -> None:
     for name, f in facts.items():
         tokens = torch.randn(8, f["max_tokens"], f["feature_dim"], generator=gen)
         embedded.append(model(name, tokens, torch.ones(8, f["max_tokens"], dtype=torch.bool)))
-    extra = {"margin": config.loss.max_margin * torch.rand(8, generator=gen)} if config.loss.name == "margin" else {}
+    needs_margins = LOSSES.get(config.loss.name).needs_margins
+    extra = {"margin": config.loss.max_margin * torch.rand(8, generator=gen)} if needs_margins else {}
     out = loss(*embedded, **extra)
     assert torch.isfinite(out["loss"]), out
     out["loss"].backward()
