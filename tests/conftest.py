@@ -23,11 +23,14 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 import tomllib  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -227,3 +230,32 @@ def trained_model(small_manifest: Path, small_cache: Path, make_config: Callable
     model_dir = tmp_path_factory.mktemp("trained") / "model"
     summary = run_stage(config, model_dir, progress=False)
     return {"dir": model_dir, "summary": summary, "config": config}
+
+
+# ----- serve ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _serve_in_thread(app: Any, stop_timeout: float = 20.0) -> Iterator[int]:
+    """Run a ``serve`` app on a free 127.0.0.1 port in a thread; yield the port, stop on exit."""
+    from oneencoder.apps.serve import bind, server
+
+    sock = bind("127.0.0.1", 0)
+    srv = server(app)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the server did not start within 30 s"
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=stop_timeout)
+
+
+@pytest.fixture(scope="session")
+def serve_in_thread() -> Callable[..., contextlib.AbstractContextManager[int]]:
+    """``with serve_in_thread(app) as port:`` serves ``app`` on 127.0.0.1 for the block."""
+    return _serve_in_thread

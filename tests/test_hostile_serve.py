@@ -34,9 +34,9 @@ K = 4
 TIMEOUT = 6.0  # serve's per-query limit here; real queries take well under a second, even on a busy machine
 
 
-def serving(model_dir: Path, root: Path, indexes: dict[str, Path], workers: int) -> Iterator[dict]:
+def serving(serve_in_thread, model_dir: Path, root: Path, indexes: dict[str, Path], workers: int) -> Iterator[dict]:
     """Index each manifest for its modality, then serve them all from a thread until closed."""
-    from oneencoder.apps.serve import bind, create_app, server
+    from oneencoder.apps.serve import create_app
 
     m = oneencoder.load(model_dir, device="cpu")
     for modality, manifest in indexes.items():
@@ -44,32 +44,23 @@ def serving(model_dir: Path, root: Path, indexes: dict[str, Path], workers: int)
         build_index(m, modality, sources, root / f"ix-{modality}", progress=False)
     app = create_app(model_dir, [root / f"ix-{modality}" for modality in indexes], k=K, device="cpu",
                      workers=workers, timeout=TIMEOUT)
-    sock = bind("127.0.0.1", 0)
-    srv = server(app)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "the server did not start within 30 s"
-    yield {"port": sock.getsockname()[1], "explorer": app.state.explorer, "model": m}
-    srv.should_exit = True
-    thread.join(timeout=20)
+    with serve_in_thread(app) as port:
+        yield {"port": port, "explorer": app.state.explorer, "model": m}
     assert app.state.explorer.pool.pids() == []  # the workers ended with the server
 
 
 @pytest.fixture(scope="module")
-def served(trained_model, small_records, tmp_path_factory):
+def served(trained_model, small_records, tmp_path_factory, serve_in_thread):
     root = tmp_path_factory.mktemp("hostile-serve")
     records = [{**r, "score": 42.0, "rank": 0, "row": -1, "sound": "/etc/hostname"} for r in small_records[:8]]
     write_jsonl_atomic(root / "manifest.jsonl", records)
     indexes = {"text": root / "manifest.jsonl", "image": root / "manifest.jsonl"}
-    for running in serving(trained_model["dir"], root, indexes, workers=2):
+    for running in serving(serve_in_thread, trained_model["dir"], root, indexes, workers=2):
         yield {**running, "records": records}
 
 
 @pytest.fixture(scope="module")
-def molecules_served(trained_model, tmp_path_factory):
+def molecules_served(trained_model, tmp_path_factory, serve_in_thread):
     """The trained model with molecules added (60 PubChem rows, 1 epoch), serving a molecule and a name index."""
     from typer.testing import CliRunner
 
@@ -86,7 +77,7 @@ def molecules_served(trained_model, tmp_path_factory):
                                      "--workers", "0"])
     assert added.exit_code == 0, added.output
     indexes = {"molecule": root / "chem.jsonl", "text": root / "chem.jsonl"}
-    for running in serving(model, root, indexes, workers=1):
+    for running in serving(serve_in_thread, model, root, indexes, workers=1):
         yield {**running, "records": records}
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,9 +26,9 @@ K = 5
 
 
 @pytest.fixture(scope="module")
-def served(trained_model, small_records, tmp_path_factory):
+def served(trained_model, small_records, tmp_path_factory, serve_in_thread):
     """The explorer over a 10-stamp image index and a caption index, served from a thread."""
-    from oneencoder.apps.serve import bind, create_app, server
+    from oneencoder.apps.serve import create_app
 
     root = tmp_path_factory.mktemp("serve")
     records = small_records[:10]
@@ -40,18 +38,8 @@ def served(trained_model, small_records, tmp_path_factory):
         sources, _ = read_sources(root / "manifest.jsonl", modality)
         build_index(m, modality, sources, root / f"ix-{modality}", progress=False)
     app = create_app(trained_model["dir"], [root / "ix-image", root / "ix-text"], k=K, device="cpu")
-    sock = bind("127.0.0.1", 0)
-    srv = server(app)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "the server did not start within 30 s"
-    yield {"url": f"http://127.0.0.1:{sock.getsockname()[1]}/", "explorer": app.state.explorer, "records": records}
-    srv.should_exit = True
-    thread.join(timeout=10)
-
+    with serve_in_thread(app, stop_timeout=10) as port:
+        yield {"url": f"http://127.0.0.1:{port}/", "explorer": app.state.explorer, "records": records}
 
 @pytest.fixture(scope="module")
 def browser():
