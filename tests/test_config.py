@@ -126,7 +126,7 @@ def test_wrong_type_names_the_key(section: str, key: str, value: Any, expected: 
 
 @pytest.mark.parametrize("section,key,value,choices", [
     ("model", "pool", "max", "'mean', 'token'"),
-    ("loss", "name", "sigmoid", "'hnnce', 'infonce', 'margin'"),
+    ("loss", "name", "softmax", "'hnnce', 'infonce', 'margin', 'sigmoid'"),
     ("curriculum", "hn_source", "other", "'frozen', 'model'"),
     ("curriculum", "pacer", "easy", "'linear'"),
     ("train", "bank", "ram", "'auto', 'memory', 'disk'"),
@@ -209,7 +209,7 @@ def _typo_in_curriculum(raw: dict) -> None:
 
 
 def _unknown_loss_name(raw: dict) -> None:
-    raw["loss"]["name"] = "sigmoid"
+    raw["loss"]["name"] = "softmax"
 
 
 def _trainable_as_string(raw: dict) -> None:
@@ -227,3 +227,22 @@ def test_silent_config_mistakes_are_errors(mistake) -> None:
     mistake(raw)
     with pytest.raises(ConfigError):
         parse_stage(raw, "test.toml")
+
+
+def test_adapter_tables_per_modality_override_the_shared_adapter() -> None:
+    raw = _raw()
+    raw["adapter"] = {"hidden": 0, "dropout": 0.3, "text": {"language_only": True}}
+    config = parse_stage(raw, "test.toml")
+    assert config.adapter_for("image") == config.adapter and not config.adapter.language_only
+    text = config.adapter_for("text")
+    assert text.language_only and text.hidden == 0 and text.dropout == 0.3
+    raw["adapter"]["text"] = {"language_onyl": True}
+    _expect_error(raw, "test.toml: [adapter.text]")
+
+
+def test_the_demo_stage_is_shipped_and_trains_the_stage_demo_all_extends() -> None:
+    from oneencoder.cli.demo import DEMO_STAGE
+
+    config = load_stage(DEMO_STAGE)
+    assert config.name == "image_text"  # demo-all looks for runs/image_text
+    assert config.model.language_blend == "sum" and config.adapter_for("text").language_only

@@ -12,7 +12,7 @@ from PIL import Image
 
 from oneencoder.errors import SampleError
 from oneencoder.features.backbones import load_weights
-from oneencoder.modalities.image import _default_weights, lukemelas_to_timm
+from oneencoder.modalities.image import PACKAGED_WEIGHTS, _packaged_weights, lukemelas_to_timm
 from oneencoder.modality import Modality, create_modality
 
 
@@ -33,10 +33,11 @@ def test_backbone_is_frozen(image_backbone: torch.nn.Module, text_backbone: torc
         assert all(not p.requires_grad for p in backbone.parameters())
 
 
-def test_lukemelas_weights_map_onto_timm_without_leftovers() -> None:
+@pytest.mark.parametrize("timm_name", sorted(PACKAGED_WEIGHTS))
+def test_lukemelas_weights_map_onto_timm_without_leftovers(timm_name: str) -> None:
     timm = pytest.importorskip("timm")
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = load_weights(_default_weights())
+    model = timm.create_model(timm_name, pretrained=False)
+    state = load_weights(_packaged_weights(timm_name))
     assert any(k.startswith("_blocks.") for k in state), "expected lukemelas-style keys in the packaged weights"
     names = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
     mapped = lukemelas_to_timm(state, names)
@@ -46,7 +47,7 @@ def test_lukemelas_weights_map_onto_timm_without_leftovers() -> None:
 
 
 def test_loaded_image_backbone_holds_the_packaged_weights(image_backbone: torch.nn.Module) -> None:
-    state = load_weights(_default_weights())
+    state = load_weights(_packaged_weights("tf_efficientnet_lite0"))
     timm_state = image_backbone.model.state_dict()
     assert torch.equal(timm_state["conv_stem.weight"], state["_conv_stem.weight"])
     assert torch.equal(timm_state["classifier.weight"], state["_fc.weight"])

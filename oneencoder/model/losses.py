@@ -87,6 +87,10 @@ class ContrastiveLoss(nn.Module):
         per_ab = self.row_losses(logits, **row_options)
         per_ba = self.row_losses(logits.t(), **row_options)
         per_pair = (per_ab + per_ba) / 2
+        return self.reduce(per_pair, weight)
+
+    def reduce(self, per_pair: torch.Tensor, weight: Weights = None) -> dict[str, torch.Tensor]:
+        """The loss dict of ``[B]`` per-pair losses: their (weighted) mean, plus what is worth logging."""
         out = {"per_sample": per_pair.detach(),  # what self-paced samplers and difficulty trackers observe
                "logit_scale": self.logit_scale.detach()}
         if weight is None:
@@ -179,11 +183,45 @@ class MarginLoss(ContrastiveLoss):
         return self.symmetric(logits, weight)
 
 
+class SigmoidLoss(ContrastiveLoss):
+    """SigLIP (Zhai et al., 2023): every pair of the batch is its own binary classification.
+
+    ``loss = -mean_i Σ_j log σ(z_ij (t · a_i·b_j + bias))`` with ``z = +1`` on the diagonal and
+    ``-1`` elsewhere; same-group pairs are left out (neither positive nor negative). The
+    temperature ``t`` and the ``bias`` are learned; the paper starts them at ``t = 10`` and
+    ``bias = -10`` so the many negatives do not swamp the first steps. The per-pair loss is
+    row i's plus column i's, halved, so weights and self-paced pacers see one value per pair.
+
+    Args:
+        init_bias: Starting logit bias.
+        **kwargs: ``ContrastiveLoss`` options (``init_temperature`` defaults to 0.1, i.e. t = 10).
+    """
+
+    name: ClassVar[str] = "sigmoid"
+
+    def __init__(self, init_bias: float = -10.0, init_temperature: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(init_temperature=init_temperature, **kwargs)
+        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor | None = None,
+                weight: Weights = None) -> dict[str, torch.Tensor]:
+        """As ``ContrastiveLoss.forward``; the output also holds the learned ``bias``."""
+        n = a.shape[0]
+        logits = self.logit_scale * a @ b.t() + self.bias
+        eye = torch.eye(n, dtype=torch.bool, device=a.device)
+        sign = torch.where(eye, 1.0, -1.0).to(logits.dtype)
+        same = same_group_mask(groups)
+        keep = torch.ones_like(eye) if same is None else ~same
+        per_cell = -F.logsigmoid(sign * logits) * keep
+        out = self.reduce((per_cell.sum(1) + per_cell.sum(0)) / 2, weight)
+        return {**out, "bias": self.bias.detach()}
+
+
 # ----- registry -------------------------------------------------------------------------
 
 LOSSES: Registry[ContrastiveLoss] = Registry("loss")
 register_loss = LOSSES.register
-for _cls in (ContrastiveLoss, HardNegativeLoss, MarginLoss):
+for _cls in (ContrastiveLoss, HardNegativeLoss, MarginLoss, SigmoidLoss):
     register_loss(_cls)
 
 

@@ -32,6 +32,12 @@ class ProjectionConfig:
     # original features): embedding = [sqrt(1-w) * learned, sqrt(w) * frozen sentence-space vector].
     # Modalities without such a vector contribute zeros there, so their rankings use the learned part.
     language_prior: float = option(0.0, range=OPEN_SHARE)
+    # How the prior meets the learned part. "concat": [learned, prior], two subspaces, so text's
+    # learned part is trained too; "sum": the projection maps into the sentence space itself and
+    # the embedding is sqrt(1-w)·learned + sqrt(w)·prior there, as LiT/ShareLock align images to
+    # a locked text space. With `[adapter] locked = true` on text, text is its frozen sentence
+    # vector alone. "sum" generalised best to unseen captions (docs/results.md).
+    language_blend: str = option("concat", choices=("concat", "sum"))
     # Width of that frozen vector: 0 = read from the modalities' language slices (the text
     # backbone's sentence width); set by hand only to insist on a width.
     language_dim: int = option(0, range=NON_NEGATIVE)
@@ -48,6 +54,9 @@ class AdapterConfig:
     # vector from the adapted tokens instead of leaving zeros, so the modality can match the
     # sentence-space part that dominates text embeddings. Trained with (and stored in) the adapter.
     language_head: bool = False
+    # Under a "sum" language blend: this modality's embedding is its frozen language vector alone
+    # (LiT's locked text tower), so the other modalities learn to meet the frozen sentence space.
+    language_only: bool = False
 
 
 def projection_from_dict(raw: Any, where: str) -> ProjectionConfig:
@@ -104,7 +113,7 @@ class Adapter(nn.Module):
 class UniversalProjection(nn.Module):
     """Masked transformer encoder shared by every modality; pools and L2-normalises."""
 
-    def __init__(self, config: ProjectionConfig) -> None:
+    def __init__(self, config: ProjectionConfig, out_dim: int | None = None) -> None:
         super().__init__()
         if config.pool not in ("mean", "token"):
             raise ValueError(f"pool must be 'mean' or 'token', got {config.pool!r}")
@@ -116,7 +125,7 @@ class UniversalProjection(nn.Module):
         # Nested tensors change numerics between train/eval; keep one code path.
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.head = nn.Linear(config.d_model, out_dim or config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x ``[B, T, d]``, mask ``[B, T]`` with True on real tokens. Returns ``[B, d]``, unit norm."""
@@ -134,7 +143,9 @@ PRIOR_SOURCES = ("none", "slice", "head")
 
 class LanguagePrior(nn.Module):
     """Residual blend with a frozen sentence-space vector, as CLIP-Adapter blends adapted and original
-    features: ``[sqrt(1 - w) * learned, sqrt(w) * v]``, unit norm when ``learned`` and ``v`` are.
+    features: ``[sqrt(1 - w) * learned, sqrt(w) * v]`` (``blend = "concat"``), unit norm when
+    ``learned`` and ``v`` are; or ``normalize(sqrt(1 - w) * learned + sqrt(w) * v)`` (``"sum"``),
+    where ``learned`` lives in the sentence space itself and a ``language_only`` modality is ``v`` alone.
 
     Each modality gets ``v`` from one source: ``"slice"``, dims of its first backbone token
     that already live in the text backbone's sentence space; ``"head"``, a linear head on
@@ -144,19 +155,27 @@ class LanguagePrior(nn.Module):
     Args:
         weight: ``w`` in [0, 1); 0 turns the prior off (the embedding is ``learned``).
         width: Width of ``v`` (the text backbone's sentence width).
+        blend: ``"concat"`` or ``"sum"``.
     """
 
-    def __init__(self, weight: float, width: int) -> None:
+    def __init__(self, weight: float, width: int, blend: str = "concat") -> None:
         super().__init__()
-        self.weight, self.width = float(weight), int(width)
+        self.weight, self.width, self.blend = float(weight), int(width), blend
         self.sources: dict[str, str] = {}
         self.slices: dict[str, tuple[int, int]] = {}
+        self.language_only: set[str] = set()
+
+    @property
+    def summed(self) -> bool:
+        """The learned part lives in the sentence space (``blend = "sum"`` with a prior)."""
+        return self.enabled and self.blend == "sum" and self.width > 0
 
     @property
     def enabled(self) -> bool:
         return self.weight > 0
 
-    def source_for(self, name: str, language_slice: tuple[int, int] | None, head: bool) -> str:
+    def source_for(self, name: str, language_slice: tuple[int, int] | None, head: bool,
+                   language_only: bool = False) -> str:
         """Validate and record where ``name``'s vector comes from; returns the source."""
         if not self.enabled:
             source = "none"
@@ -169,6 +188,11 @@ class LanguagePrior(nn.Module):
             source = "slice"
         else:
             source = "head" if head else "none"
+        if language_only:
+            if not self.summed or source == "none":
+                raise ConfigError(f"modality {name!r}: [adapter] language_only needs [model] language_blend = "
+                                  "\"sum\", language_prior > 0 and a language vector (a slice or language_head)")
+            self.language_only.add(name)
         self.sources[name] = source
         return source
 
@@ -185,9 +209,15 @@ class LanguagePrior(nn.Module):
             return F.normalize(head(pooled), dim=-1)
         return None
 
-    def forward(self, learned: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, learned: torch.Tensor, vector: torch.Tensor | None, name: str | None = None) -> torch.Tensor:
         if not self.enabled:
             return learned
+        if self.summed:
+            if vector is None:
+                return learned
+            if name in self.language_only:
+                return vector.to(learned.dtype)
+            return F.normalize(learned * (1 - self.weight) ** 0.5 + vector.to(learned.dtype) * self.weight**0.5, dim=-1)
         if vector is None:
             return torch.cat([learned, learned.new_zeros(learned.shape[0], self.width)], -1)
         return torch.cat([learned * (1 - self.weight) ** 0.5, vector.to(learned.dtype) * self.weight**0.5], dim=-1)
@@ -199,11 +229,11 @@ class OneEncoderModel(nn.Module):
     def __init__(self, projection: ProjectionConfig) -> None:
         super().__init__()
         self.projection_config = projection
-        self.projection = UniversalProjection(projection)
+        self.prior = LanguagePrior(projection.language_prior, projection.language_dim, projection.language_blend)
+        self.projection = UniversalProjection(projection, projection.language_dim if self.prior.summed else None)
         self.adapters = nn.ModuleDict()
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self._locked: list[nn.Module] = []
-        self.prior = LanguagePrior(projection.language_prior, projection.language_dim)
 
     @property
     def modalities(self) -> list[str]:
@@ -213,6 +243,8 @@ class OneEncoderModel(nn.Module):
     def embed_dim(self) -> int:
         """Width of the output embedding."""
         cfg = self.projection_config
+        if self.prior.summed:
+            return cfg.language_dim
         return cfg.d_model + (cfg.language_dim if cfg.language_prior > 0 else 0)
 
     def add_adapter(self, name: str, facts: dict, config: AdapterConfig) -> Adapter:
@@ -226,7 +258,7 @@ class OneEncoderModel(nn.Module):
         """Add a modality's adapter. ``language_slice``: dims of its first token that already
         live in the frozen language space (used only with ``language_prior > 0``)."""
         config = config or AdapterConfig()
-        source = self.prior.source_for(name, language_slice, config.language_head)
+        source = self.prior.source_for(name, language_slice, config.language_head, config.language_only)
         adapter = Adapter(feature_dim, self.projection_config.d_model, max_tokens, config)
         if source == "head":
             adapter.language_head = nn.Linear(self.projection_config.d_model, self.prior.width)
@@ -238,7 +270,7 @@ class OneEncoderModel(nn.Module):
         adapter = self.adapters[modality]
         x, adapted_mask = adapter(tokens, mask)
         learned = self.projection(x, adapted_mask)
-        return self.prior(learned, self.prior.vector(modality, tokens, x, adapted_mask, adapter.language_head))
+        return self.prior(learned, self.prior.vector(modality, tokens, x, adapted_mask, adapter.language_head), modality)
 
     # open_clip-style locking: frozen parts are eval-mode and grad-free.
     def lock_projection(self) -> None:

@@ -46,6 +46,8 @@ class LossConfig:
     beta: float = option(0.0, range=Range(0, True, 100, True))  # hnnce: weight of hard negatives (0 = InfoNCE)
     # margin: margin of the hardest pair, scaled by its difficulty (0 = InfoNCE)
     max_margin: float = option(0.0, range=Range(0, True, 2, True))
+    # sigmoid: starting logit bias (SigLIP starts at -10 so the many negatives do not swamp the start)
+    init_bias: float = option(-10.0, range=Range(-100, True, 100, True))
 
 
 @dataclass
@@ -118,14 +120,22 @@ class StageConfig:
     modality_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     model: ProjectionConfig = field(default_factory=ProjectionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    # ``[adapter.<modality>]`` tables: that modality's adapter (the ``[adapter]`` values, overridden)
+    modality_adapters: dict[str, AdapterConfig] = field(default_factory=dict)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     plugins: list[str] = field(default_factory=list)
     source: str = ""
 
+    def adapter_for(self, name: str) -> AdapterConfig:
+        """The adapter shape of modality ``name``: its ``[adapter.<name>]`` table, else ``[adapter]``."""
+        return self.modality_adapters.get(name, self.adapter)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if not self.modality_adapters:  # runs made before per-modality adapters keep their settings
+            del d["modality_adapters"]
         d["modalities"] = list(self.modalities)
         return d
 
@@ -199,6 +209,11 @@ def parse_stage(raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
             raise ConfigError(f"{source}: [modalities.{name}] is not one of the stage's modalities {pair}")
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [modalities.{name}] must be a table")
+    adapter_raw = raw.get("adapter", {})
+    if not isinstance(adapter_raw, dict):
+        raise ConfigError(f"{source}: [adapter] must be a table")
+    per_modality = {k: v for k, v in adapter_raw.items() if k in pair and isinstance(v, dict)}
+    shared = {k: v for k, v in adapter_raw.items() if k not in per_modality}
     config = StageConfig(
         name=stage["name"],
         modalities=(pair[0], pair[1]),
@@ -206,7 +221,9 @@ def parse_stage(raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
         data=parse_section(DataConfig, raw.get("data", {}), f"{source}: [data]"),
         modality_options={k: dict(v) for k, v in options.items()},
         model=projection_from_dict(raw.get("model", {}), f"{source}: [model]"),
-        adapter=adapter_from_dict(raw.get("adapter", {}), f"{source}: [adapter]"),
+        adapter=adapter_from_dict(shared, f"{source}: [adapter]"),
+        modality_adapters={n: adapter_from_dict({**shared, **table}, f"{source}: [adapter.{n}]")
+                           for n, table in per_modality.items()},
         loss=parse_section(LossConfig, raw.get("loss", {}), f"{source}: [loss]"),
         train=parse_section(TrainConfig, raw.get("train", {}), f"{source}: [train]"),
         curriculum=parse_section(CurriculumConfig, raw.get("curriculum", {}), f"{source}: [curriculum]"),

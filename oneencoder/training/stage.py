@@ -73,7 +73,7 @@ def _prepare_model(config: StageConfig, model_dir: Path, metas: dict[str, dict],
         if exists and not resuming:  # a fresh Stage 1: nothing of the old model may survive
             remove_model_files(model_dir)
         trained = {n: metas[n] for n in config.trainable if n != "projection"}
-        model = build_model(config.model, trained, {n: config.adapter for n in trained})
+        model = build_model(config.model, trained, {n: config.adapter_for(n) for n in trained})
         if init_from is not None and not resuming:
             _init_weights(model, init_from, trained)
     else:
@@ -89,7 +89,7 @@ def _prepare_model(config: StageConfig, model_dir: Path, metas: dict[str, dict],
         # new one: built in the same order, from the same random state, as in a first run.
         model, _ = load_model(model_dir, without=config.trainable)
         for name in config.trainable:
-            model.add_adapter(name, metas[name], config.adapter)
+            model.add_adapter(name, metas[name], config.adapter_for(name))
     for name in model.modalities:
         if name not in config.trainable:
             model.lock_adapter(name)
