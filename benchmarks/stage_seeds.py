@@ -1,0 +1,98 @@
+"""One stage file, several seeds: validation and held-out test R@1 as mean ± std.
+
+Every row of docs/results.md's "Stage 1 v2" table comes from one call. Options of the
+stage file are changed with dotted keys whose values are TOML literals, so no stage
+file has to be copied for an ablation arm:
+
+    .venv/bin/python benchmarks/stage_seeds.py stages/image_text_lit.toml --seeds 0,1,2 \
+        loss.name='"sigmoid"' loss.init_temperature=0.1 data.cache_dir='"outputs/lite2-mpnet"'
+
+Features missing from the cache are encoded first (as ``oneencoder train`` does). Models
+are written to temporary folders and removed; one JSON line per arm is appended to
+``--log``. Choices are made on the ``val`` columns; ``test`` is reported, never tuned on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from oneencoder.model.checkpoint import read_meta  # noqa: E402
+from oneencoder.training.config import parse_stage, resolve_stage_path  # noqa: E402
+from oneencoder.training.prepare import prepare_stage  # noqa: E402
+from oneencoder.training.stage import run_stage  # noqa: E402
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``section.key=value`` (value a TOML literal) set into the raw stage table."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: override {item!r} is not key=value")
+        *path, last = key.split(".")
+        table = raw
+        for part in path:
+            table = table.setdefault(part, {})
+        try:
+            table[last] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise SystemExit(f"error: override {item!r}: the value is no TOML literal (quote strings: '\"x\"')")
+    return raw
+
+
+def run_seed(raw: dict, source: str, seed: int) -> dict:
+    raw.setdefault("train", {})["seed"] = seed
+    config = parse_stage(raw, source)
+    prepare_stage(config)  # encode what the cache lacks
+    out = Path(tempfile.mkdtemp(prefix="stage-seeds-"))
+    try:
+        start = time.time()
+        result = run_stage(config, out, progress=False)
+        entry = next(e for e in read_meta(out)["stages"] if e["name"] == config.name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    val = {k: v for k, v in entry["val"].items() if k.endswith("R@1") or k == "score"}
+    test = {d: r["metrics"]["R@1"] for d, r in result["test"]["directions"].items()}
+    return {"seed": seed, "best_epoch": result["best_epoch"], "seconds": round(time.time() - start, 1),
+            "val": val, "test": test}
+
+
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", help="stage file or shipped stage name")
+    parser.add_argument("overrides", nargs="*", help="section.key=TOML-value")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--log", default="outputs/stage_seeds.jsonl")
+    args = parser.parse_intermixed_args()
+    path = resolve_stage_path(args.stage)
+    raw = apply_overrides(tomllib.loads(path.read_text(encoding="utf-8")), args.overrides)
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        rows.append(run_seed(raw, str(path), seed))
+        print(json.dumps(rows[-1]), flush=True)
+    summary = {"stage": str(path), "overrides": args.overrides,
+               "val": {k: mean_std([r["val"][k] for r in rows]) for k in rows[0]["val"]},
+               "test": {k: mean_std([r["test"][k] for r in rows]) for k in rows[0]["test"]}}
+    print("val  " + "  ".join(f"{k} {v}" for k, v in summary["val"].items()))
+    print("test " + "  ".join(f"{k} R@1 {v}" for k, v in summary["test"].items()))
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.log, "a", encoding="utf-8") as f:
+        f.write(json.dumps({**summary, "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
