@@ -249,6 +249,14 @@ class VideoModality(ImageBackboneMixin, Modality):
         except ConfigError as e:
             raise ConfigError(f"[modalities.video] image options: {e}") from None
 
+    def bind(self, peers: dict[str, Modality]) -> None:
+        """Label semantics of the frames live in the space of the stage's text backbone, as for images;
+        recorded in ``image.text_backbone`` so a reloaded model encodes frames the same way."""
+        self._image.bind(peers)
+        chosen = self._image.options["text_backbone"]
+        if chosen and self.options["image"].get("text_backbone") != chosen:
+            self.options["image"] = {**self.options["image"], "text_backbone": chosen}
+
     # ----- identity -----------------------------------------------------------------
     @property
     def frame_dim(self) -> int:

@@ -312,3 +312,19 @@ def test_cache_refuses_too_many_tokens_at_write_time(tmp_path: Path) -> None:
         assert cache.ids() == set()
     finally:
         cache.close()
+
+
+def test_video_frames_take_label_semantics_in_the_stage_text_space(bert64: Path) -> None:
+    """A model whose text is another backbone (e.g. the demo's mpnet) gets video frames whose label
+    semantics live in that space, recorded in the video options so a reload encodes the same way."""
+    from oneencoder.modality import create_modality, create_stage_modalities
+
+    text = create_modality("text", backbone=f"hf:{bert64}")
+    video = create_stage_modalities({"text": {"backbone": f"hf:{bert64}"}}, ["video", "text"])["video"]
+    assert video.options["image"]["text_backbone"] == {"backbone": text.backbone_id}
+    start, end = video.language_slice()
+    assert end - start == 64
+    reloaded = create_modality("video", **video.options)
+    assert reloaded.fingerprint() == video.fingerprint()
+    unbound = create_modality("video")
+    assert unbound.language_slice()[1] - unbound.language_slice()[0] == 384  # MiniLM by default

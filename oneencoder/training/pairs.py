@@ -67,6 +67,9 @@ def stage_modalities(config: StageConfig, model_dir: str | Path | None = None,
         meta = read_meta(model_dir)
         if anchor in meta["modalities"]:
             modalities[anchor] = modality_from_meta(anchor, meta["modalities"][anchor])
+            for name, modality in modalities.items():  # bound again, to the anchor the model holds
+                if name != anchor:
+                    modality.bind(modalities)
     return modalities
 
 
