@@ -62,6 +62,9 @@ def run_seed(raw: dict, source: str, seed: int) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     val = {k: v for k, v in entry["val"].items() if k.endswith("R@1") or k == "score"}
     test = {d: r["metrics"]["R@1"] for d, r in result["test"]["directions"].items()}
+    # Test rows marked ``heldout`` are also scored per subset (e.g. tuxpaint / concept / style).
+    for subset, directions in result["test"].get("subsets", {}).items():
+        test.update({f"{subset}:{d}": r["metrics"]["R@1"] for d, r in directions.items()})
     return {"seed": seed, "best_epoch": result["best_epoch"], "seconds": round(time.time() - start, 1),
             "val": val, "test": test}
 
