@@ -35,7 +35,7 @@ class ProjectionConfig:
     # How the prior meets the learned part. "concat": [learned, prior], two subspaces, so text's
     # learned part is trained too; "sum": the projection maps into the sentence space itself and
     # the embedding is sqrt(1-w)·learned + sqrt(w)·prior there, as LiT/ShareLock align images to
-    # a locked text space. With `[adapter] locked = true` on text, text is its frozen sentence
+    # a locked text space. With `[adapter.text] language_only = true`, text is its frozen sentence
     # vector alone. "sum" generalised best to unseen captions (docs/results.md).
     language_blend: str = option("concat", choices=("concat", "sum"))
     # Width of that frozen vector: 0 = read from the modalities' language slices (the text
@@ -128,7 +128,7 @@ class UniversalProjection(nn.Module):
         self.head = nn.Linear(config.d_model, out_dim or config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x ``[B, T, d]``, mask ``[B, T]`` with True on real tokens. Returns ``[B, d]``, unit norm."""
+        """x ``[B, T, d]``, mask ``[B, T]`` with True on real tokens. Returns ``[B, out_dim]``, unit norm."""
         h = self.norm(self.encoder(x, src_key_padding_mask=~mask))
         if self.config.pool == "token":
             pooled = h[:, 0]
