@@ -52,7 +52,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def run_seed(raw: dict, source: str, seed: int) -> dict:
     raw.setdefault("train", {})["seed"] = seed
     config = parse_stage(raw, source)
-    prepare_stage(config)  # encode what the cache lacks
     out = Path(tempfile.mkdtemp(prefix="stage-seeds-"))
     try:
         start = time.time()
@@ -83,6 +82,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     path = resolve_stage_path(args.stage)
     raw = apply_overrides(tomllib.loads(path.read_text(encoding="utf-8")), args.overrides)
+    prepare_stage(parse_stage(raw, str(path)))  # encode what the cache lacks, once: seeds share the features
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         rows.append(run_seed(raw, str(path), seed))

