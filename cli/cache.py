@@ -32,17 +32,22 @@ def build(
     shard: Optional[str] = typer.Option(
         None, metavar="I/N", help="Build only shard I of N (a job array), into <cache>/shards/I-of-N; then run "
                                   "`oneencoder cache merge`. Under torchrun: shard RANK/WORLD_SIZE by default."),
+    views: Optional[int] = typer.Option(
+        None, min=1, max=64, help="Augmented views per sample of the stage's trainable modalities, view 0 the "
+                                  "plain one (default: the stage's [data] views). Views 1..K-1 go to "
+                                  "<cache>/<modality>.views/<k>; train with [data] views = K."),
 ) -> None:
     """Encode every sample of the stage's modalities once; resumes where it stopped.
 
     Samples whose caption or file changed since they were cached are re-encoded. Bad samples
     (missing/corrupt file, empty caption) go to <cache>/<modality>.rejects.jsonl.
 
-    Example:  oneencoder cache build --stage image_text
+    Example:  oneencoder cache build --stage image_text --views 4
     """
     quiet_libraries()
     part = Shard.parse(shard) if shard is not None else Shard.from_env()
-    prepared = prepare_stage(stage, manifest=manifest, cache_dir=cache_dir, build_caches=False)
+    overrides = {"data": {"views": views}} if views is not None else None
+    prepared = prepare_stage(stage, manifest=manifest, cache_dir=cache_dir, overrides=overrides, build_caches=False)
     where = pick_device(device)
     n_workers = default_workers(where) if workers is None else workers
     prepared.build_caches(batch_size=batch_size, workers=n_workers, device=where, shard=part, log=echo)

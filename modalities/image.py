@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
+import random
 import re
 import warnings
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageFilter, UnidentifiedImageError
 from torch import nn
 
 from oneencoder.deps import require
@@ -247,6 +249,43 @@ def standard_mode(img: Image.Image, where: str = "PIL image") -> Image.Image:
     return img
 
 
+def _on_white(raw: Image.Image) -> Image.Image:
+    """RGB, transparency composited on white (what the backbone sees before padding)."""
+    img = standard_mode(raw)  # a no-op for what ``load`` returns; here for direct callers
+    try:
+        if img.mode in _WITH_ALPHA:
+            img = img.convert("RGBA")
+            canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(canvas, img)
+        return img.convert("RGB")
+    except (ValueError, OSError) as e:  # a mode Pillow cannot convert to RGB
+        raise SampleError(f"image mode {raw.mode!r} cannot be converted to RGB ({e})") from None
+
+
+#: The image views of ``cache build --views``; recorded in the views' fingerprint.
+AUGMENTATION = {"name": "image-views-v1", "crop_area": [0.5, 1.0], "crop_ratio": [0.75, 4 / 3], "flip": 0.5,
+                "brightness": 0.3, "contrast": 0.3, "saturation": 0.4, "blur": 0.3, "blur_radius": [0.5, 2.0]}
+
+
+def augmented_image(img: Image.Image, rng: random.Random, recipe: dict[str, Any] = AUGMENTATION) -> Image.Image:
+    """One view of an RGB image under ``recipe``, every draw taken from ``rng``."""
+    width, height = img.size
+    area = rng.uniform(*recipe["crop_area"])
+    ratio = math.exp(rng.uniform(math.log(recipe["crop_ratio"][0]), math.log(recipe["crop_ratio"][1])))
+    cw = max(1, min(width, round(width * math.sqrt(area * ratio))))
+    ch = max(1, min(height, round(height * math.sqrt(area / ratio))))
+    x, y = rng.randint(0, width - cw), rng.randint(0, height - ch)
+    view = img.crop((x, y, x + cw, y + ch))
+    if rng.random() < recipe["flip"]:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    for enhance, key in ((ImageEnhance.Brightness, "brightness"), (ImageEnhance.Contrast, "contrast"),
+                         (ImageEnhance.Color, "saturation")):
+        view = enhance(view).enhance(rng.uniform(1 - recipe[key], 1 + recipe[key]))
+    if rng.random() < recipe["blur"]:
+        view = view.filter(ImageFilter.GaussianBlur(rng.uniform(*recipe["blur_radius"])))
+    return view
+
+
 def _open(source: Any) -> Image.Image:
     if isinstance(source, Image.Image):
         return standard_mode(source)
@@ -396,15 +435,7 @@ class ImageModality(Modality):
                 Image.new("RGBA", (50, 80), (200, 30, 30, 128))]  # half-transparent, another shape
 
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
-        img = standard_mode(raw)  # a no-op for what ``load`` returns; here for direct callers
-        try:
-            if img.mode in _WITH_ALPHA:
-                img = img.convert("RGBA")
-                canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(canvas, img)
-            img = img.convert("RGB")
-        except (ValueError, OSError) as e:  # a mode Pillow cannot convert to RGB
-            raise SampleError(f"image mode {raw.mode!r} cannot be converted to RGB ({e})") from None
+        img = _on_white(raw)
         # Pad to a square on white so cut-outs keep their whole outline, then resize.
         side = max(img.size)
         square = Image.new("RGB", (side, side), (255, 255, 255))
@@ -415,6 +446,14 @@ class ImageModality(Modality):
         mean = np.asarray(self.options["mean"], dtype=np.float32)
         std = np.asarray(self.options["std"], dtype=np.float32)
         return torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
+
+    def view_recipe(self) -> dict[str, Any]:
+        return AUGMENTATION
+
+    def augment(self, raw: Image.Image, rng: random.Random) -> Image.Image:
+        """A random resized crop, a horizontal flip, colour jitter and blur (SimCLR's image views,
+        milder: a crop keeps at least half of the picture, since a caption names the whole of it)."""
+        return augmented_image(_on_white(raw), rng)
 
     @torch.inference_mode()
     def encode(self, backbone: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

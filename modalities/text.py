@@ -9,6 +9,7 @@ import functools
 import importlib.metadata as md
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,27 @@ def _hidden_size(model_dir: Path) -> int:
     raise ConfigError(f"{model_dir}/config.json names no hidden width (hidden_size, d_model, dim or n_embd)")
 
 
+#: Caption rewordings of ``cache build --views``: ``{np}`` is the caption's noun phrase with its
+#: article ("a red apple"), ``{bare}`` without it ("red apple"); ``{caption}`` is the caption.
+CAPTION_TEMPLATES = ("{caption}", "{bare}", "A picture of {np}.", "An illustration of {np}.",
+                     "A drawing of {np}.", "Clip art of {np}.", "This is {np}.", "{Np}, drawn simply.")
+_ARTICLES = ("a ", "an ", "the ")
+
+
+def reworded(caption: str, template: str) -> str:
+    """``caption`` put into ``template`` (see :data:`CAPTION_TEMPLATES`); trailing dots are dropped
+    from the phrase."""
+    phrase = caption.strip().rstrip(".").strip() or caption
+    # "Grinning face" reads "grinning face" mid-sentence; "NASA logo" keeps its capitals.
+    lower = (phrase[:1].lower() + phrase[1:] if phrase[1:2].islower() or phrase.lower().startswith(_ARTICLES)
+             else phrase)
+    article = next((a for a in _ARTICLES if lower.lower().startswith(a)), "")
+    noun_phrase = lower
+    bare = phrase[len(article):] if article else phrase
+    return template.format(caption=caption, np=noun_phrase, Np=noun_phrase[:1].upper() + noun_phrase[1:],
+                           bare=bare)
+
+
 @register_modality
 class TextModality(Modality):
     """Contextual token features; padding is masked out everywhere downstream."""
@@ -152,6 +174,13 @@ class TextModality(Modality):
         if not text:
             raise SampleError("empty caption")
         return text
+
+    def view_recipe(self) -> dict[str, Any]:
+        return {"name": "text-views-v1", "templates": list(CAPTION_TEMPLATES)}
+
+    def augment(self, raw: str, rng: random.Random) -> str:
+        """The caption in another wording: one of :data:`CAPTION_TEMPLATES` around its noun phrase."""
+        return reworded(raw, rng.choice(CAPTION_TEMPLATES))
 
     def example_inputs(self) -> list[Any]:
         return ["A badger.", "A red apple on a wooden table, seen from above.", "Two cats."]

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import random
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -186,6 +187,17 @@ class Modality(ABC):
     def difficulty(self, raw: Any, tokens: torch.Tensor) -> dict[str, float]:
         """Per-sample measurements for curriculum scorers (override per modality)."""
         return {}
+
+    # ----- optional: augmented views (``cache build --views K``) --------------------
+    def view_recipe(self) -> dict[str, Any] | None:
+        """What :meth:`augment` does, as JSON; it joins the views' cache fingerprint, so a changed
+        recipe rebuilds them. None (the default): the modality offers no augmented views."""
+        return None
+
+    def augment(self, raw: Any, rng: random.Random) -> Any:
+        """One augmented view of a loaded input, drawn with ``rng`` only (so views are reproducible);
+        returns a new raw input for :meth:`preprocess` and leaves ``raw`` unchanged."""
+        raise NotImplementedError(f"modality {self.spec.name!r} offers no augmented views")
 
     def depict(self, value: Any) -> str | None:
         """A picture of one input, as the manifest gives it, for a results page: an SVG string, or

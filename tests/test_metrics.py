@@ -195,3 +195,12 @@ def test_format_table() -> None:
     assert "0.312 (chance 0.006)" in lines[2]
     assert "0.750 (chance 0.060)" in lines[3]
     assert len({len(line) for line in lines}) == 1  # columns aligned
+
+
+def test_small_splits_are_flagged() -> None:
+    from oneencoder.evaluation.metrics import MIN_RANKING_QUERIES, small_split_warning
+
+    assert small_split_warning("test", MIN_RANKING_QUERIES) is None
+    line = small_split_warning("validation", 20)
+    assert line is not None and "\n" not in line
+    assert "validation split has 20 queries" in line and "moves R@1 by 5.0 points" in line

@@ -432,6 +432,19 @@ def chance_metrics_from_counts(
                                          "median_rank", "n_queries", "n_gallery")}
 
 
+#: Below this many queries a split cannot rank two runs: one query moves R@1 by over 1 point.
+MIN_RANKING_QUERIES = 100
+
+
+def small_split_warning(split: str, n_queries: int) -> str | None:
+    """A one-line warning when ``split`` is too small to tell two runs apart, else None."""
+    if n_queries >= MIN_RANKING_QUERIES:
+        return None
+    return (f"warning: the {split} split has {n_queries} queries (under {MIN_RANKING_QUERIES}): each one moves R@1 by "
+            f"{100 / max(n_queries, 1):.1f} points, so two runs this close are within noise; compare seeds "
+            "(benchmarks/stage_seeds.py) or add data")
+
+
 def format_number(value: float, signed: bool = False) -> str:
     """How every metric and score is shown in text: 3 decimals (JSON output keeps full precision)."""
     return f"{value:+.{DECIMALS}f}" if signed else f"{value:.{DECIMALS}f}"

@@ -13,7 +13,9 @@ from ..features.bank import FeatureBank
 from ..features.cache import FeatureCache, cache_dir_for
 from ..modality import Modality
 from ..model.parts import OneEncoderModel
-from .metrics import chance_metrics_from_counts, mean_pair_score, relevant_counts, retrieval_metrics_by_group
+from ..progress import status
+from .metrics import (chance_metrics_from_counts, mean_pair_score, relevant_counts, retrieval_metrics_by_group,
+                      small_split_warning)
 
 
 @torch.no_grad()
@@ -105,6 +107,9 @@ def evaluate_samples(
             bank = FeatureBank.from_cache(cache, [r["id"] for r in kept])
         embedded[name] = (embed_bank(model, name, bank, batch_size), [r.get("group", r["id"]) for r in kept],
                           [r["id"] for r in kept])
+    fewest = min((len(ids) for _, _, ids in embedded.values()), default=0)
+    if embedded and (warning := small_split_warning(split, fewest)):
+        status(warning)
     results: dict[str, Any] = {"split": split, "directions": _directions(embedded, modalities)}
     subsets = sorted({str(r[subset_key]) for r in rows if r.get(subset_key) is not None})
     if subsets:

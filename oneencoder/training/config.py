@@ -31,6 +31,11 @@ from .curriculum.weights import WEIGHTING_REGISTRY
 class DataConfig:
     manifest: str = "outputs/demo/manifest.jsonl"
     cache_dir: str = "outputs/demo/cache"
+    # Augmented views per training sample (1: the plain features only); training draws one
+    # per sample per epoch, evaluation reads view 0. Built by `cache build` (--views).
+    views: int = option(1, range=Range(1, True, 64, True))
+    view_seed: int = option(0, range=Range(0, True, 2**32, False))
+    view_modalities: list[str] = option([])  # which trainable modalities read views (empty: all that offer them)
 
 
 @dataclass

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import OneEncoderError
+from ..errors import ConfigError, OneEncoderError
 from ..features.bank import FeatureBank, load_banks
 from ..features.cache import FeatureCache, cache_dir_for
+from ..features.views import ViewedBank, load_viewed_bank, offers_views
 from ..modality import Modality, create_stage_modalities
 from ..model.checkpoint import META, modality_from_meta, read_meta
 from .config import StageConfig
@@ -31,7 +32,13 @@ class PairSplit:
 
     ids: list[str]
     groups: list[str]
-    banks: dict[str, FeatureBank]
+    banks: dict[str, FeatureBank | ViewedBank]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's augmented view of every sample (banks without views ignore it)."""
+        for bank in self.banks.values():
+            if isinstance(bank, ViewedBank):
+                bank.set_epoch(epoch)
 
     @property
     def group_codes(self) -> torch.Tensor:
@@ -73,12 +80,35 @@ def stage_modalities(config: StageConfig, model_dir: str | Path | None = None,
     return modalities
 
 
+def viewed_modalities(config: StageConfig, modalities: dict[str, Modality]) -> list[str]:
+    """The stage's modalities that train on augmented views: ``[data] views > 1``, not the frozen
+    anchor (embedded once), offering views (``Modality.view_recipe``) and, when ``[data]
+    view_modalities`` names some, named there.
+
+    Raises:
+        ConfigError: ``view_modalities`` names a modality that cannot have views in this stage.
+    """
+    if config.data.views <= 1:
+        return []
+    anchor = locked_anchor(config)
+    able = [n for n, m in modalities.items() if n != anchor and offers_views(m)]
+    wanted = config.data.view_modalities
+    for name in wanted:
+        if name not in able:
+            raise ConfigError(f"[data] view_modalities: {name!r} cannot train on views in this stage (those that "
+                              f"can: {', '.join(able) or 'none'})")
+    return [n for n in able if not wanted or n in wanted]
+
+
 def load_pair_split(records: list[dict], split: str, modalities: dict[str, Modality], cache_root: str | Path,
-                    device: torch.device | str = "cpu", bank: str = "memory") -> PairSplit:
+                    device: torch.device | str = "cpu", bank: str = "memory",
+                    views: tuple[list[str], int, int] | None = None) -> PairSplit:
     """Samples of ``split`` that are cached (not rejected) for every modality, as banks.
 
     ``bank``: ``memory``, ``disk`` (a memory map exported beside the cache) or ``auto``
     (disk when the banks would not fit in memory), as ``[train] bank``; see :mod:`oneencoder.features.bank`.
+    ``views``: ``(modalities, K, seed)``: those modalities' banks hold K augmented views
+    (:class:`ViewedBank`, in memory).
     """
     rows = [r for r in records if r.get("split") == split]
     caches = {n: FeatureCache(cache_dir_for(cache_root, n), m.fingerprint(), readonly=True) for n, m in modalities.items()}
@@ -87,10 +117,16 @@ def load_pair_split(records: list[dict], split: str, modalities: dict[str, Modal
             have = cache.ids()
             rows = [r for r in rows if r["id"] in have]
         ids = [r["id"] for r in rows]
-        banks = load_banks(caches, ids, bank, device) if ids else {}
+        viewed, count, seed = views if views is not None else ([], 1, 0)
+        plain = {n: c for n, c in caches.items() if n not in viewed}
+        banks = load_banks(plain, ids, bank, device) if ids and plain else {}
     finally:
         for cache in caches.values():
             cache.close()
+    if ids:
+        for n in viewed:
+            banks[n] = load_viewed_bank(modalities[n], cache_root, ids, count, seed, device)
+        banks = {n: banks[n] for n in modalities}  # the stage's order
     return PairSplit(ids, [r.get("group", r["id"]) for r in rows], banks)
 
 

@@ -31,6 +31,7 @@ from ..data.manifest import read_manifest
 from ..errors import OneEncoderError
 from ..features.cache import BuildReport, build_cache, rejects_path
 from ..features.lookup import CachedFeatures
+from ..features.views import build_view, view_root
 from ..modality import Modality
 from ..model.checkpoint import META, load_model, modality_from_meta
 from ..names import safe_name
@@ -38,7 +39,7 @@ from ..progress import status
 from ..runtime import pick_device
 from . import distributed as ddp
 from .config import StageConfig, load_stage
-from .pairs import locked_anchor, model_modalities, stage_modalities
+from .pairs import locked_anchor, model_modalities, stage_modalities, viewed_modalities
 
 if TYPE_CHECKING:
     from ..features.shards import Shard
@@ -82,11 +83,19 @@ class PreparedStage:
         sample was rejected; with ``quiet_when_cached``, only if its build encoded, rejected
         or removed anything. Under ``torchrun`` rank 0 builds while the others wait.
 
+        With ``[data] views = K`` the stage's trainable modalities also get views 1..K-1
+        (:mod:`oneencoder.features.views`), built after the plain caches.
+
         Raises:
-            OneEncoderError: No cache root is known, or another process writes the cache.
+            OneEncoderError: No cache root is known, another process writes the cache, or
+                views are asked of a sharded build.
         """
         if self.cache_dir is None:
             raise OneEncoderError("no feature cache folder: pass --cache-dir")
+        viewed = viewed_modalities(self.config, self.modalities) if self.config is not None else []
+        if viewed and shard is not None:
+            raise OneEncoderError(f"--views {self.config.data.views} cannot be built by shards; build the shards "
+                                  "and merge them, then run `oneencoder cache build --views K` once")
         # A shard is each process's own; otherwise one process encodes and the others wait.
         distributed = self.config is not None and shard is None and ddp.launched_by_torchrun()
         if distributed:  # the stage's training joins the same group later
@@ -100,6 +109,17 @@ class PreparedStage:
                     continue
                 for line in build_lines(report, self.cache_dir, shard):
                     log(line)
+            for name in viewed:
+                for k in range(1, self.config.data.views):
+                    report = build_view(self.modalities[name], self.records, self.cache_dir, k,
+                                        self.config.data.view_seed, batch_size=batch_size, num_workers=workers,
+                                        device=device, progress=progress)
+                    self.reports[report.modality] = report
+                    if quiet_when_cached and not (report.encoded or report.rejects or report.dropped):
+                        continue
+                    log(report.summary())
+                    if report.rejects:
+                        log(f"  rejects: {rejects_path(view_root(self.cache_dir, name, k), name)}")
         if distributed:
             ddp.barrier()
         return self.reports

@@ -19,6 +19,7 @@ import torch
 
 from ..data.manifest import manifest_hash, read_manifest
 from ..errors import ConfigError, OneEncoderError
+from ..evaluation.metrics import small_split_warning
 from ..evaluation.retrieval import embed_bank, evaluate_samples
 from ..features.cache import cache_dir_for
 from ..fileio import sha256_file, write_json_atomic
@@ -36,7 +37,8 @@ from .curriculum.samplers import build_sampler, mine_neighbours
 from .curriculum.weights import build_weights, group_balance_weights
 from .objective import PairObjective, retrieval_validator
 from .pairs import (frozen_neighbours, load_pair_split, locked_anchor, model_modalities, pooled_frozen,
-                    require_pairs, stage_difficulty, stage_modalities, train_difficulty, train_trust)
+                    require_pairs, stage_difficulty, stage_modalities, train_difficulty, train_trust,
+                    viewed_modalities)
 from .plan import CurriculumPlan
 from .runs import changed_settings, model_writer, remove_model_files, run_settings, RUN_SETTINGS
 from .trainer import Trainer
@@ -194,11 +196,14 @@ def _run_stage(config: StageConfig, model_dir: Path, resume: bool, overwrite: bo
     if ddp.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / RUN_SETTINGS, settings)
-    train = load_pair_split(records, "train", modalities, config.data.cache_dir, device,
-                            bank=config.train.bank)
+    viewed = viewed_modalities(config, modalities)
+    train = load_pair_split(records, "train", modalities, config.data.cache_dir, device, bank=config.train.bank,
+                            views=(viewed, config.data.views, config.data.view_seed) if viewed else None)
     val = load_pair_split(records, "val", modalities, config.data.cache_dir, device,
                           bank=config.train.bank)
     require_pairs(records, modalities, train, val, config.data.manifest)
+    if ddp.is_main() and (warning := small_split_warning("validation", len(val.ids))):
+        status(warning)  # the model is chosen on it
 
     # ----- objective: loss, curriculum, sampler
     cur = config.curriculum
@@ -254,6 +259,9 @@ def _run_stage(config: StageConfig, model_dir: Path, resume: bool, overwrite: bo
     trainer = Trainer(config.train, objective, sampler, validate, on_best, run_dir, device, progress, callbacks)
     if resuming and trainer.try_resume() and ddp.is_main():
         status(f"resuming {config.name} from step {trainer.step} (epoch {trainer.epoch})")
+    if viewed:  # each epoch reads its own draw of views, a resumed one included
+        train.set_epoch(trainer.epoch)
+        trainer.epoch_callbacks.append(train.set_epoch)
     fit = trainer.fit()
     summary = _test(config, model_dir, run_dir, modalities, records, anchor, fit) if ddp.is_main() else None
     ddp.barrier()  # no rank leaves before the model directory is final
