@@ -18,26 +18,26 @@ from oneencoder.features.inputs import modality_of_file
 from ._common import echo, quiet_libraries, user_errors
 
 
-def query_of(m: OneEncoder, text: Optional[str], file: Optional[Path], smiles: Optional[str],
-             as_modality: Optional[str]) -> tuple[str, Any, str]:
-    """``(modality, input, shown)`` of the one query the options give."""
-    given = [name for name, v in (("--text", text), ("--file", file), ("--smiles", smiles)) if v is not None]
-    if len(given) != 1:
-        raise OneEncoderError("give exactly one query: --text, --file or --smiles"
-                              + (f" (got {', '.join(given)})" if given else ""))
-    if text is not None:
-        return "text", text, text
-    if smiles is not None:
-        return "molecule", smiles, smiles
-    if not file.is_file():
-        raise OneEncoderError(f"--file {file}: no such file")
-    if as_modality is not None:
-        readers = file_modalities(m)
-        if as_modality not in readers:  # else `--as text` would embed the file's path as a text
-            raise OneEncoderError(f"--as {as_modality}: not a modality of this model that reads files "
-                                  f"(it has {', '.join(readers) or 'none'})")
-    modality = as_modality or modality_of_file(file, m.modalities)
-    return modality, str(file), str(file)
+def query_parts(m: OneEncoder, texts: List[str], files: List[Path], smiles: List[str], weights: List[float],
+                as_modality: Optional[str]) -> list[tuple[str, Any, float, str]]:
+    """``(modality, input, weight, shown)`` of every query part the options give, in the order
+    texts, files, SMILES; ``weights`` is empty (all 1) or one per part in that order."""
+    if files and as_modality is not None and as_modality not in file_modalities(m):
+        # else `--as text` would embed the file's path as a text
+        raise OneEncoderError(f"--as {as_modality}: not a modality of this model that reads files "
+                              f"(it has {', '.join(file_modalities(m)) or 'none'})")
+    for file in files:
+        if not file.is_file():
+            raise OneEncoderError(f"--file {file}: no such file")
+    given = ([("text", t, t) for t in texts]
+             + [(as_modality or modality_of_file(f, m.modalities), str(f), str(f)) for f in files]
+             + [("molecule", s, s) for s in smiles])
+    if not given:
+        raise OneEncoderError("give a query: --text, --file or --smiles (each repeatable, to compose one query)")
+    if weights and len(weights) != len(given):
+        raise OneEncoderError(f"--weight given {len(weights)} times for {len(given)} query parts; give one per part "
+                              "(in the order: every --text, then every --file, then every --smiles) or none")
+    return [(modality, value, weights[i] if weights else 1.0, shown) for i, (modality, value, shown) in enumerate(given)]
 
 
 def file_modalities(m: OneEncoder) -> list[str]:
@@ -83,9 +83,13 @@ def search(
     index: List[Path] = typer.Option(..., "--index", "-i", help="Index directory (repeatable)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m",
                                          help="Model directory (default: the one the first index was built with)."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="A text query."),
-    file: Optional[Path] = typer.Option(None, "--file", "-f", help="An image, sound, video or depth file as query."),
-    smiles: Optional[str] = typer.Option(None, "--smiles", help="A molecule (SMILES) as query."),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="A text query (repeatable)."),
+    file: Optional[List[Path]] = typer.Option(None, "--file", "-f",
+                                              help="An image, sound, video or depth file as query (repeatable)."),
+    smiles: Optional[List[str]] = typer.Option(None, "--smiles", help="A molecule (SMILES) as query (repeatable)."),
+    weight: Optional[List[float]] = typer.Option(
+        None, "--weight", "-w", help="Weight of each query part, in the order: every --text, every --file, every "
+                                     "--smiles (default: 1 each; negative subtracts)."),
     as_modality: Optional[str] = typer.Option(None, "--as", help="Modality of --file when its extension is ambiguous."),
     k: int = typer.Option(10, "--k", "-k", min=1, help="Results per index."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -93,16 +97,30 @@ def search(
 ) -> None:
     """Search every --index with one query in any modality of the model.
 
+    Several parts (--text, --file, --smiles, each repeatable) make one composed query:
+    the normalised, --weight-ed sum of their embeddings (OneEncoder.compose).
+
     Example:  oneencoder search --index outputs/demo/index-image --text "A badger." --k 5
+
+    Example:  oneencoder search --index outputs/demo/index-image --file roar.ogg --text "An animal." -w 1 -w 0.5
     """
     quiet_libraries()
     m = oneencoder.load(model or _model_of(index), device=device)
     indexes = open_indexes(m, index)
-    modality, value, shown = query_of(m, text, file, smiles, as_modality)
-    query = m.encode(modality, [value])
+    parts = query_parts(m, text or [], file or [], smiles or [], weight or [], as_modality)
+    if len(parts) == 1:
+        modality, value, _, shown = parts[0]
+        query = m.encode(modality, [value])
+    else:
+        query = m.compose([(p[0], p[1], p[2]) for p in parts])
+        modality = "+".join(dict.fromkeys(p[0] for p in parts))
+        shown = " + ".join(f"{p[2]:g}·{p[0]}:{p[3]}" for p in parts)
     results = [(path, ix, ix.search(query, k).hits[0]) for path, ix in zip(index, indexes)]
     if as_json:
-        echo(strict_json({"query": {"modality": modality, "input": shown}, "model": str(m.model_dir),
+        echo(strict_json({"query": {"modality": modality, "input": shown,
+                                    **({"parts": [{"modality": p[0], "input": p[3], "weight": p[2]} for p in parts]}
+                                       if len(parts) > 1 else {})},
+                          "model": str(m.model_dir),
                           "results": [{"index": str(path), "modality": ix.modality, "kind": ix.kind,
                                        "count": len(ix), "hits": hits} for path, ix, hits in results]}))
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import oneencoder
@@ -99,3 +100,6 @@ def test_trained_model_embeds_raw_inputs(pipeline) -> None:
     diag = sims.diagonal().mean()
     off = (sims.sum() - sims.diagonal().sum()) / (sims.numel() - len(train))
     assert float(diag) > float(off)
+    # encode(numpy=True) arrays go into similarity as they are, and give a numpy matrix back.
+    as_numpy = m.similarity(images.numpy(), m.encode("text", [r["caption"] for r in train], numpy=True))
+    assert isinstance(as_numpy, np.ndarray) and np.allclose(as_numpy, sims.numpy(), atol=1e-5)

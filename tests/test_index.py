@@ -177,9 +177,33 @@ def test_search_json_and_text_output(built) -> None:
     assert sum(line.strip().startswith(f"1. +1.000  {rows[5]['id']}") for line in lines) == 2  # in both indexes
 
 
+def test_a_composed_query_is_the_weighted_sum_of_its_parts(built, trained_model) -> None:
+    rows = built["rows"]
+    m = oneencoder.load(trained_model["dir"])
+    image, caption = rows[5]["image"], rows[9]["caption"]
+    parts = [("image", image, 1.0), ("text", caption, 0.5)]
+    expected = torch.nn.functional.normalize(m.encode("image", [image]) + 0.5 * m.encode("text", [caption]), dim=-1)
+    assert torch.allclose(m.compose(parts), expected, atol=1e-5)
+    assert torch.allclose(m.compose([("text", caption)]), m.encode("text", [caption]), atol=1e-6)
+    with pytest.raises(oneencoder.OneEncoderError, match="cancel out"):
+        m.compose([("text", caption), ("text", caption, -1.0)])
+    with pytest.raises(oneencoder.OneEncoderError, match="weight"):
+        m.compose([("text", caption, float("nan"))])
+    # The CLI composes the same query: a zero-weighted caption leaves the image's own hit first.
+    result = invoke("search", "--index", built["out"], "--text", caption, "--file", image, "-w", 0, "-w", 1,
+                    "--k", 1, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["query"]["modality"] == "text+image"
+    assert [p["weight"] for p in payload["query"]["parts"]] == [0.0, 1.0]
+    assert payload["results"][0]["hits"][0]["id"] == rows[5]["id"]
+
+
 def test_search_user_errors_are_one_line(built, trained_model, tmp_path) -> None:
     out = built["out"]
-    assert "give exactly one query" in _one_line_error(invoke("search", "--index", out, "--text", "a", "--smiles", "C"))
+    assert "give a query" in _one_line_error(invoke("search", "--index", out))
+    assert "--weight given 1 times for 2 query parts" in _one_line_error(
+        invoke("search", "--index", out, "--text", "a", "--text", "b", "--weight", 1))
     assert "no 'molecule' modality" in _one_line_error(invoke("search", "--index", out, "--smiles", "CCO"))
     assert "no modality of this model reads .ogg" in _one_line_error(
         invoke("search", "--index", out, "--file", next(Path("/usr/share/tuxpaint/stamps").rglob("*.ogg"))))

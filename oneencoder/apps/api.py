@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from ..progress import progress_bar
 
 from ..errors import OneEncoderError, SampleError
 from ..features.inputs import as_batch
 from ..modality import Modality
 from ..model.checkpoint import load_model, modality_from_meta
+from ..progress import progress_bar
 from ..runtime import pick_device
 from .index import VectorIndex, model_space
 from .zeroshot import Classification, classify
@@ -219,10 +220,52 @@ class OneEncoder:
         return classify(self, modality, inputs, labels, template, k=k, temperature=temperature,
                         batch_size=batch_size, progress=progress, cache=cache)
 
+    @torch.no_grad()
+    def compose(self, parts: Sequence[tuple[str, Any] | tuple[str, Any, float]], numpy: bool = False,
+                progress: bool | None = False) -> torch.Tensor | np.ndarray:
+        """One query from several inputs, possibly of different modalities (embedding arithmetic).
+
+        The result is ``normalize(sum_i w_i * encode(modality_i, input_i))``: each part is unit
+        length first, so a weight is its share, whatever the modality. Equal weights embed a
+        sample that has several modalities as their fusion; a negative weight subtracts a concept.
+
+        Example:
+            >>> q = m.compose([("audio", "lion.ogg"), ("text", "in the snow", 0.5)])
+            >>> hits = index.search(q, k=5)
+
+        Args:
+            parts: ``(modality, input)`` or ``(modality, input, weight)``; weight 1 by default.
+
+        Returns:
+            ``[1, d]``, L2-normalised.
+
+        Raises:
+            OneEncoderError: No parts, a malformed part or weight, or weights that cancel out.
+        """
+        if not parts:
+            raise OneEncoderError("compose: give at least one (modality, input[, weight]) part")
+        total = torch.zeros(self.model.embed_dim)
+        for i, part in enumerate(parts):
+            if not isinstance(part, (tuple, list)) or len(part) not in (2, 3):
+                raise OneEncoderError(f"compose: part {i} is not (modality, input) or (modality, input, weight)")
+            modality, value = part[0], part[1]
+            weight = part[2] if len(part) == 3 else 1.0
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise OneEncoderError(f"compose: part {i} ({modality}) has weight {weight!r}; use a finite number")
+            total += float(weight) * self.encode(modality, [value], progress=progress)[0]
+        norm = float(total.norm())
+        if norm < 1e-6:
+            raise OneEncoderError("compose: the weighted parts cancel out (their sum has length 0); change the weights")
+        query = (total / norm)[None]
+        return query.numpy().astype(np.float32, copy=False) if numpy else query
+
     @staticmethod
-    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity matrix ``[len(a), len(b)]`` of two sets of embeddings."""
-        return a @ b.t()
+    def similarity(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Cosine similarity matrix ``[len(a), len(b)]`` of two sets of embeddings (as :meth:`encode`
+        returns them: tensors, or numpy arrays with ``numpy=True``, which give a numpy result)."""
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+            return np.asarray(a, dtype=np.float32) @ np.asarray(b, dtype=np.float32).T
+        return torch.as_tensor(a, dtype=torch.float32) @ torch.as_tensor(b, dtype=torch.float32).t()
 
     def __repr__(self) -> str:
         return f"OneEncoder({str(self.model_dir)!r}, modalities={self.modalities}, d={self.model.embed_dim})"
