@@ -16,7 +16,8 @@ from .train import print_results
 @user_errors
 def add_modality(
     modality: str = typer.Argument(..., help="Registered modality to add, e.g. audio, molecule, depth, video."),
-    model: Path = typer.Option(Path("outputs/demo/model"), "--model", "-m", help="Trained model directory."),
+    model: Path = typer.Option(..., "--model", "-m", help="Trained model directory to extend (required: never a "
+                                                     "default, so a forgotten flag cannot change the demo model)."),
     anchor: Optional[str] = typer.Option(None, help="Modality to align to (default: the modality's own default)."),
     data: Path = typer.Option(Path("outputs/demo/manifest.jsonl"), "--data", help="Manifest with both modalities."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache root (default: <data folder>/cache)."),

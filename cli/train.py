@@ -32,7 +32,8 @@ def print_results(test: dict) -> None:
 @user_errors
 def train(
     stage: str = typer.Option(..., "--stage", "-s", help="Stage file (or shipped stage name, e.g. image_text)."),
-    model: Path = typer.Option(Path("outputs/demo/model"), "--model", "-m", help="Model directory to write."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model directory to write (required: never a default, so "
+                                                     "a forgotten flag cannot change the demo model)."),
     manifest: Optional[Path] = typer.Option(None, help="Override the stage file's data.manifest."),
     cache_dir: Optional[Path] = typer.Option(None, help="Override the stage file's data.cache_dir."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Override train.epochs."),

@@ -231,6 +231,15 @@ def test_nonexistent_model_dir(tmp_path: Path, small_manifest, small_cache) -> N
     assert not (tmp_path / "x.npy").exists()
 
 
+@pytest.mark.parametrize("command", [["train", "--stage", "image_text"], ["add-modality", "audio"]])
+def test_commands_that_write_a_model_need_it_named(command: list[str], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where outputs/demo/model used to be the silent default
+    result = invoke(*command)
+    assert result.exit_code == 2 and "--model" in result.output, result.output
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_bad_stage_path(tmp_path: Path) -> None:
     result = invoke("train", "--stage", tmp_path / "nope.toml", "--model", tmp_path / "m")
     _assert_user_error(result)

@@ -128,7 +128,7 @@ def test_resume_refuses_another_schedule(tmp_path: Path) -> None:
     assert not fresh.try_resume()
 
 
-def test_early_stopping_uses_patience(tmp_path: Path) -> None:
+def test_early_stopping_uses_patience(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
     objective = _Regression()
     config = TrainConfig(epochs=20, batch_size=8, warmup_steps=1, patience=2)
@@ -139,6 +139,13 @@ def test_early_stopping_uses_patience(tmp_path: Path) -> None:
     fit = trainer.fit()
     assert fit.epochs_run == 4 and fit.best_epoch == 2 and fit.best_score == 0.7
     assert [b["score"] for b in bests] == [0.5, 0.7]
+    assert ("early stop after epoch 4 of 20: validation score has not improved for 2 epochs ([train] patience); "
+            "keeping epoch 2 (score 0.7000)") in capsys.readouterr().err
+    # One epoch rule: step rows name the epoch they are in (from 1), validation rows the one they close.
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps_per_epoch = 32 // 8
+    assert all(r["epoch"] == (r["step"] - 1) // steps_per_epoch + 1 for r in rows if "loss" in r)
+    assert [r["epoch"] for r in rows if "val/score" in r] == [1, 2, 3, 4]
 
 
 # ----- run_stage: determinism and resume ------------------------------------------------------

@@ -22,10 +22,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from ..progress import progress_bar
 
 from ..errors import ConfigError, OneEncoderError
 from ..fileio import append_jsonl, atomic_path, write_json_atomic, write_jsonl_atomic
+from ..progress import progress_bar, status
 from ..runtime import pick_device
 from . import distributed as ddp
 from .config import TrainConfig
@@ -282,7 +282,10 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
                 if self.rank == 0 and self.step % self.config.log_every == 0:
-                    append_jsonl(log_path, {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **logs})
+                    # Epochs count from 1 everywhere: a step row names the epoch it is in, a
+                    # validation row the epoch it closes, best_epoch that same number.
+                    append_jsonl(log_path, {"step": self.step, "epoch": self.epoch + 1,
+                                            "lr": self.optimizer.param_groups[0]["lr"], **logs})
             self.epoch += 1
             for callback in self.epoch_callbacks:
                 callback(self.epoch)
@@ -294,6 +297,10 @@ class Trainer:
                 self.bad_epochs = int(flag)
             self.save_state()
         bar.close()
+        if self.rank == 0 and self.epoch < self.config.epochs:
+            status(f"early stop after epoch {self.epoch} of {self.config.epochs}: validation score has not improved for "
+                   f"{self.bad_epochs} epochs ([train] patience); keeping epoch {self.best_epoch} "
+                   f"(score {self.best:.4f})")
         return FitResult(self.best, self.best_epoch, self.epoch, self.step, time.time() - start, self.history)
 
     def _end_epoch(self, log_path: Path) -> None:
