@@ -76,3 +76,8 @@ def info(
             for direction, metrics in directions.items():
                 shown = [k for k in _SHOWN_METRICS if isinstance(metrics.get(k), (int, float))]
                 echo(f"    {key} {direction}: " + "  ".join(f"{k}={format_number(metrics[k])}" for k in shown))
+    decoder = record.get("decoder")
+    if isinstance(decoder, dict):
+        echo(f"caption decoder: {decoder.get('vocab_size')} words, trained on {decoder.get('n_captions')} captions "
+             f"(noise {decoder.get('noise_std')}, projection {decoder.get('projection')!r}, chosen on "
+             f"{decoder.get('n_val')} validation {decoder.get('condition')} samples)  {decoder.get('time', '')}")

@@ -15,6 +15,7 @@ from oneencoder.registry import import_plugins
 from . import cache, curriculum, data, export, index
 from ._common import set_debug, user_errors as with_user_errors
 from .add_modality import add_modality
+from .caption import caption, train_decoder
 from .classify import classify
 from .demo import demo
 from .demo_all import demo_all
@@ -75,6 +76,8 @@ app.add_typer(curriculum.app, name="curriculum")
 app.add_typer(index.app, name="index")
 app.add_typer(export.app, name="export")
 app.command("train")(train)
+app.command("train-decoder")(train_decoder)
+app.command("caption")(caption)
 app.command("eval")(evaluate)
 app.command("embed")(embed)
 app.command("info")(info)

@@ -9,8 +9,9 @@ The package follows the data flow, lowest first; a subpackage imports only those
 - ``data``: manifests, table import, builders of real data sets (``data.sources``);
 - ``features``: frozen backbones, the feature cache, its shards and banks;
 - ``model``: adapters, modality tokens, the Universal Projection, losses, the model directory;
-- ``evaluation``: retrieval metrics, zero-shot retrieval, exact top-k, results tables;
+- ``evaluation``: retrieval and caption metrics, zero-shot retrieval, exact top-k, results tables;
 - ``training``: stage files, the trainer, runs, data parallelism, add-modality, the curriculum;
+- ``generation``: the caption decoder, trained on text alone, for any modality of the space;
 - ``apps``: ``load`` and the inference API, classification, indexes, ``serve``, ONNX export.
 
 Three top-level folders of the repository are installed inside this namespace, so that

@@ -25,7 +25,7 @@ CORE = sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
 NAMES_MODALITIES = {PACKAGE / "data" / "sources"}
 
 # Lowest first: a module imports its own layer and the layers below it, never one above.
-LAYERS = ["utilities", "data", "features", "model", "evaluation", "training", "apps"]
+LAYERS = ["utilities", "data", "features", "model", "evaluation", "training", "generation", "apps"]
 UTILITIES = {"deps", "errors", "fileio", "modality", "names", "options", "progress", "registry", "runtime"}
 OUTSIDE = {"modalities", "cli", "stages"}  # installed in the namespace, above the core
 

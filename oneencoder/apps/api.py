@@ -12,6 +12,7 @@ import torch
 
 from ..errors import OneEncoderError, SampleError
 from ..features.inputs import as_batch
+from ..generation.captioner import Captioner, load_captioner
 from ..modality import Modality
 from ..model.checkpoint import load_model, modality_from_meta
 from ..progress import progress_bar
@@ -58,6 +59,7 @@ class OneEncoder:
         self.model.to(self.device).eval()
         self._modalities: dict[str, Modality] = {}
         self._backbones: dict[str, torch.nn.Module] = {}
+        self._captioner: Captioner | None = None
 
     @classmethod
     def from_loaded(cls, model_dir: str | Path, model: OneEncoderModel, meta: dict[str, Any],
@@ -70,6 +72,7 @@ class OneEncoder:
         self.device = pick_device("auto" if device is None else str(device))
         self.model.to(self.device).eval()
         self._modalities, self._backbones = dict(modalities or {}), {}
+        self._captioner = None
         return self
 
     @property
@@ -258,6 +261,33 @@ class OneEncoder:
             raise OneEncoderError("compose: the weighted parts cancel out (their sum has length 0); change the weights")
         query = (total / norm)[None]
         return query.numpy().astype(np.float32, copy=False) if numpy else query
+
+    def caption(self, modality: str, inputs: Any, n: int = 1, beam: int = 3, sample: bool = False,
+                temperature: float = 1.0, top_p: float = 0.9, seed: int = 0, projection: str | None = None,
+                batch_size: int = 32, progress: bool | None = None) -> list[list[str]]:
+        """Describe inputs of any modality in words, with the model's caption decoder.
+
+        The decoder was trained on text alone (``oneencoder train-decoder``), so every
+        modality bound to the space can be described.
+
+        Example:
+            >>> m.caption("audio", ["/usr/share/tuxpaint/stamps/animals/mammals/badger.ogg"], n=3)
+            [['A badger.', 'A beaver.', 'A bear.']]
+
+        Args:
+            n: Captions per input: the best ``n`` of a beam search, or ``n`` samples.
+            beam: Beam width (1 with ``n = 1``: greedy decoding).
+            sample: Nucleus sampling (``temperature``, ``top_p``, ``seed``) instead of beam search.
+            projection: ``"none"`` or ``"memory"`` (DeCap); default: the one chosen on validation.
+
+        Raises:
+            OneEncoderError: The model holds no decoder.
+        """
+        if self._captioner is None:
+            self._captioner = load_captioner(self.model_dir)
+        emb = self.encode(modality, inputs, batch_size=batch_size, progress=progress)
+        return self._captioner.describe(emb, n=n, beam=beam, sample=sample, temperature=temperature, top_p=top_p,
+                                        seed=seed, projection=projection)
 
     @staticmethod
     def similarity(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:

@@ -188,6 +188,9 @@ def save_model(
         stale = [n for n in meta["modalities"] if n not in write]
         if stale:
             raise OneEncoderError(f"retraining the projection in {model_dir} would orphan adapters {stale}")
+        for key in PARTS:  # optional parts read the old space: they are dropped, not kept stale
+            if meta.pop(key, None) is not None:
+                meta["files"] = {rel: d for rel, d in meta["files"].items() if not rel.startswith(f"{key}/")}
         meta.update({"d_model": model.projection_config.d_model, "embed_dim": model.embed_dim,
                      "projection": asdict(model.projection_config)})
         add(PROJECTION, model.projection)
@@ -199,6 +202,38 @@ def save_model(
                                     "language_source": model.prior.sources[name]}
     stages = [s for s in meta["stages"] if s.get("name") != stage_entry.get("name")]
     meta["stages"] = stages + [{**stage_entry, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+    text = json.dumps(meta, indent=2) + "\n"
+    writers[META] = lambda path: path.write_text(text, encoding="utf-8")
+    commit(model_dir, writers)
+    return meta
+
+
+#: Optional parts a model directory may hold beside its stages, each in its own folder
+#: ``<key>/`` and recorded under ``meta[key]``: trained on the finished space, dropped when
+#: the projection is retrained.
+PARTS = ("decoder",)
+
+
+def save_part(model_dir: str | Path, key: str, files: dict[str, bytes], info: dict[str, Any]) -> dict[str, Any]:
+    """Write an optional part (e.g. the caption decoder) and record it, all visible at once.
+
+    Args:
+        key: One of :data:`PARTS`; its files go to ``<model>/<key>/<name>``.
+        files: File name (inside ``<key>/``) to bytes; each is checksummed in ``files``.
+        info: What ``meta[key]`` records (its configuration, data and scores).
+    """
+    if key not in PARTS:
+        raise ValueError(f"unknown model part {key!r} (known: {', '.join(PARTS)})")
+    model_dir = Path(model_dir)
+    recover(model_dir)
+    meta = read_meta(model_dir)
+    meta["files"] = {rel: d for rel, d in meta["files"].items() if not rel.startswith(f"{key}/")}
+    writers: dict[str, Callable[[Path], None]] = {}
+    for name, data in files.items():
+        rel = f"{key}/{name}"
+        writers[rel] = _bytes_writer(data)
+        meta["files"][rel] = hashlib.sha256(data).hexdigest()
+    meta[key] = {**info, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     text = json.dumps(meta, indent=2) + "\n"
     writers[META] = lambda path: path.write_text(text, encoding="utf-8")
     commit(model_dir, writers)
