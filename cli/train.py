@@ -24,6 +24,9 @@ def print_results(test: dict) -> None:
     rows = [(d, r["metrics"], r["chance"]) for d, r in test["directions"].items()]
     echo(f"held-out {test['split']} split (chance level in brackets):")
     echo(format_table(rows, _COLUMNS))
+    gaps = [f"{d} {r['gap']['centroid_distance']:.3f}" for d, r in test["directions"].items() if "gap" in r]
+    if gaps:
+        echo("modality gap (distance between the centres of query and gallery embeddings): " + ", ".join(gaps))
     for subset, directions in test.get("subsets", {}).items():
         echo(f"\n{test['split']} subset held out by {subset}:")
         echo(format_table([(d, r["metrics"], r["chance"]) for d, r in directions.items()], _COLUMNS))

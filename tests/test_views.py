@@ -70,29 +70,28 @@ def test_views_are_reproducible_and_view_zero_is_todays_cache(
     for name in ("a", "b"):
         root = tmp_path / name
         shutil.copytree(small_cache, root)
-        prepared = prepare_stage(make_config(small_manifest, root, sections={"data": {"views": 3}}), build_caches=False)
+        prepared = prepare_stage(make_config(small_manifest, root, sections={"data": {"views": 2}}), build_caches=False)
         reports = prepared.build_caches(progress=False, log=lambda line: None)
-        assert {f"{m} view {k}" for m in ("image", "text") for k in (1, 2)} <= set(reports)
-        assert all(reports[f"image view {k}"].encoded == len(train_ids) for k in (1, 2))
+        assert {"image view 1", "text view 1"} <= set(reports)
+        assert reports["image view 1"].encoded == len(train_ids)
         roots.append(root)
     image, text = prepared.modalities["image"], prepared.modalities["text"]
     for modality in (image, text):
         # View 0 is the plain cache, exactly as it was before any view was built.
         assert all(torch.equal(x, y) for x, y in zip(_plain(roots[0], modality, ids), _plain(small_cache, modality, ids)))
-        for k in (1, 2):  # the same seed gives the same views in two separate builds
-            a, b = _view(roots[0], modality, k, train_ids), _view(roots[1], modality, k, train_ids)
-            assert all(torch.equal(x, y) for x, y in zip(a, b))
-    # Image views differ from the plain features and from each other; only train rows get views.
+        # The same seed gives the same views in two separate builds.
+        a, b = _view(roots[0], modality, 1, train_ids), _view(roots[1], modality, 1, train_ids)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # Image views differ from the plain features; only train rows get views.
     plain = torch.stack([t[0] for t in _plain(roots[0], image, train_ids)]).float()
     v1 = torch.stack([t[0] for t in _view(roots[0], image, 1, train_ids)]).float()
-    v2 = torch.stack([t[0] for t in _view(roots[0], image, 2, train_ids)]).float()
-    assert not torch.allclose(plain, v1, atol=1e-2) and not torch.allclose(v1, v2, atol=1e-2)
+    assert not torch.allclose(plain, v1, atol=1e-2)
     assert torch.nn.functional.cosine_similarity(plain, v1).mean() > 0.5  # still the same picture
     path = cache_dir_for(view_root(roots[0], "image", 1), "image")
     with FeatureCache(path, AugmentedView(image, 1, 0).fingerprint(), readonly=True) as cache:
         assert cache.ids() == set(train_ids)
     # A second build finds everything cached.
-    again = prepare_stage(make_config(small_manifest, roots[0], sections={"data": {"views": 3}}), build_caches=False)
+    again = prepare_stage(make_config(small_manifest, roots[0], sections={"data": {"views": 2}}), build_caches=False)
     assert all(r.encoded == 0 for r in again.build_caches(progress=False, log=lambda line: None).values())
 
 

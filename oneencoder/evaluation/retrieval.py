@@ -74,7 +74,9 @@ def retrieval_between(
     chance = chance_metrics_from_counts(counts[has], len(gi))
     # Cosine of true pairs; its "chance" is the mean cosine of all pairs.
     chance["mean_pos_cos"] = mean_pair_score(queries, gallery)
-    return {"metrics": metrics, "chance": chance}
+    # The modality gap (Liang et al., 2022): how far apart the two clouds' centres lie.
+    gap = float((queries.double().mean(0) - gallery.double().mean(0)).norm())
+    return {"metrics": metrics, "chance": chance, "gap": {"centroid_distance": gap}}
 
 
 def evaluate_samples(
