@@ -28,8 +28,9 @@ from ..training.runs import model_writer
 from .api import OneEncoder
 from .zeroshot import caption_modality
 
-#: Per-dimension std of the CapDec noise tried (embeddings have ~1000 dims: norms 0 to ~1.3).
-NOISE_GRID = (0.0, 0.01, 0.02, 0.04)
+#: Per-dimension std of the CapDec noise tried (embeddings have ~1000 dims: noise norms ~0.3 to
+#: ~1.3). No noise lost to 0.01 on the demo's validation images (CIDEr-D 0.708 vs 0.811).
+NOISE_GRID = (0.01, 0.02, 0.04)
 DECODER_TRAIN = TrainConfig(epochs=30, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=50, patience=6,
                             log_every=50)
 
