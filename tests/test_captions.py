@@ -85,6 +85,7 @@ def captioned_model(trained_model: dict, small_records: list[dict], small_cache:
     info = fit_decoder(m, small_records, small_cache, noise_grid=(0.0, 0.02), train=train, progress=False,
                        log=lambda line: None)
     assert set(info["val_cider_d_by_noise"]) == {"0", "0.02"} and info["projection"] in ("none", "memory")
+    assert "image" in evaluate_captions(m, small_records, small_cache, "val")  # the same m: as train-decoder runs
     return model
 
 

@@ -125,7 +125,7 @@ def evaluate_captions(m: OneEncoder, records: list[dict], cache_dir: str | Path 
         ``{modality: {"n": ..., "decoder": scores, "retrieval": scores, "prior": scores,
         "examples": [...]}}`` with BLEU-1..4, CIDEr-D and WER per row.
     """
-    captioner = captioner or load_captioner(m.model_dir, m.meta)
+    captioner = captioner or load_captioner(m.model_dir)  # read now: m.meta predates a decoder just trained
     out: dict[str, Any] = {}
     for name in modalities or [n for n in m.modalities if n != caption_modality(m)]:
         rows = _rows(records, split, name, m)
