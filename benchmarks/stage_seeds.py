@@ -59,6 +59,7 @@ def run_seed(raw: dict, source: str, seed: int) -> dict:
         entry = next(e for e in read_meta(out)["stages"] if e["name"] == config.name)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        out.with_name(out.name + ".lock").unlink(missing_ok=True)  # the model writer's lock, beside the folder
     val = {k: v for k, v in entry["val"].items() if k.endswith("R@1") or k == "score"}
     test = {d: r["metrics"]["R@1"] for d, r in result["test"]["directions"].items()}
     # Test rows marked ``heldout`` are also scored per subset (e.g. tuxpaint / concept / style).
