@@ -127,7 +127,8 @@ def evaluate_captions(m: OneEncoder, records: list[dict], cache_dir: str | Path 
     """
     captioner = captioner or load_captioner(m.model_dir)  # read now: m.meta predates a decoder just trained
     out: dict[str, Any] = {}
-    for name in modalities or [n for n in m.modalities if n != caption_modality(m)]:
+    text_modality = caption_modality(m)
+    for name in modalities or [n for n in m.modalities if n != text_modality]:
         rows = _rows(records, split, name, m)
         if not rows:
             continue

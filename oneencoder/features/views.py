@@ -133,6 +133,7 @@ def load_viewed_bank(modality: Modality, cache_root: str | Path, ids: list[str],
                                   f"build it with `oneencoder cache build --views {views}`")
         with FeatureCache(path, AugmentedView(modality, k, seed).fingerprint(), readonly=True) as cache:
             have = cache.ids()
-            found = dict(zip([s for s in ids if s in have], cache.get_many([s for s in ids if s in have])))
+            present = [s for s in ids if s in have]
+            found = dict(zip(present, cache.get_many(present)))
         tokens.extend(found.get(sid, base[i]) for i, sid in enumerate(ids))
     return ViewedBank(FeatureBank(tokens, device), len(ids), seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -109,20 +109,25 @@ class CaptionDecoder(nn.Module):
             [torch.zeros(b, p, dtype=torch.bool, device=ids.device), ids == PAD], dim=1))
         return self.head(self.norm(y[:, p:]))
 
-    @torch.no_grad()
-    def greedy(self, embedding: torch.Tensor, max_len: int | None = None) -> list[list[int]]:
-        """The most likely word at each step, for a batch ``[B, d]``."""
-        max_len = max_len or self.config.max_len
+    def _unroll(self, embedding: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor],
+                max_len: int | None) -> list[list[int]]:
+        """Word ids for each row of ``embedding``, one ``pick(next-word logits [B, V]) -> [B]`` per step,
+        until every row has written ``<eos>`` (rows that have are padded)."""
         ids = torch.full((embedding.shape[0], 1), BOS, dtype=torch.long, device=embedding.device)
         done = torch.zeros(embedding.shape[0], dtype=torch.bool, device=embedding.device)
-        for _ in range(max_len):
-            nxt = self(embedding, ids)[:, -1].argmax(-1)
+        for _ in range(max_len or self.config.max_len):
+            nxt = pick(self(embedding, ids)[:, -1])
             nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             done |= nxt == EOS
             if bool(done.all()):
                 break
         return [row[1:].tolist() for row in ids]
+
+    @torch.no_grad()
+    def greedy(self, embedding: torch.Tensor, max_len: int | None = None) -> list[list[int]]:
+        """The most likely word at each step, for a batch ``[B, d]``."""
+        return self._unroll(embedding, lambda logits: logits.argmax(-1), max_len)
 
     @torch.no_grad()
     def beam(self, embedding: torch.Tensor, width: int = 3, max_len: int | None = None,
@@ -158,25 +163,14 @@ class CaptionDecoder(nn.Module):
     def sample(self, embedding: torch.Tensor, n: int, temperature: float = 1.0, top_p: float = 0.9,
                generator: torch.Generator | None = None, max_len: int | None = None) -> list[list[list[int]]]:
         """``n`` nucleus samples per embedding (``top_p`` of the probability, at ``temperature``)."""
-        max_len = max_len or self.config.max_len
-        out = []
-        for e in embedding:
-            ids = torch.full((n, 1), BOS, dtype=torch.long, device=embedding.device)
-            done = torch.zeros(n, dtype=torch.bool, device=embedding.device)
-            for _ in range(max_len):
-                probs = (self(e[None].expand(n, -1), ids)[:, -1] / temperature).softmax(-1)
-                sorted_p, order = probs.sort(-1, descending=True)
-                keep = sorted_p.cumsum(-1) - sorted_p < top_p
-                sorted_p = sorted_p * keep
-                choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
-                nxt = order.gather(-1, choice).squeeze(-1)
-                nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-                done |= nxt == EOS
-                if bool(done.all()):
-                    break
-            out.append([row[1:].tolist() for row in ids])
-        return out
+
+        def nucleus(logits: torch.Tensor) -> torch.Tensor:
+            sorted_p, order = (logits / temperature).softmax(-1).sort(-1, descending=True)
+            sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < top_p)
+            choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+            return order.gather(-1, choice).squeeze(-1)
+
+        return [self._unroll(e[None].expand(n, -1), nucleus, max_len) for e in embedding]
 
 
 def batch_ids(vocab: Vocabulary, captions: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

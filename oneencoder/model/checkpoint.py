@@ -48,6 +48,10 @@ def _bytes_writer(data: bytes) -> Callable[[Path], None]:
     return lambda path: path.write_bytes(data)
 
 
+def _meta_writer(meta: dict[str, Any]) -> Callable[[Path], None]:
+    return _bytes_writer((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+
+
 def read_meta(model_dir: str | Path) -> dict[str, Any]:
     """``oneencoder.json``, checked against what every reader of it relies on (:func:`check_meta`).
 
@@ -202,8 +206,7 @@ def save_model(
                                     "language_source": model.prior.sources[name]}
     stages = [s for s in meta["stages"] if s.get("name") != stage_entry.get("name")]
     meta["stages"] = stages + [{**stage_entry, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
-    text = json.dumps(meta, indent=2) + "\n"
-    writers[META] = lambda path: path.write_text(text, encoding="utf-8")
+    writers[META] = _meta_writer(meta)
     commit(model_dir, writers)
     return meta
 
@@ -234,8 +237,7 @@ def save_part(model_dir: str | Path, key: str, files: dict[str, bytes], info: di
         writers[rel] = _bytes_writer(data)
         meta["files"][rel] = hashlib.sha256(data).hexdigest()
     meta[key] = {**info, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    text = json.dumps(meta, indent=2) + "\n"
-    writers[META] = lambda path: path.write_text(text, encoding="utf-8")
+    writers[META] = _meta_writer(meta)
     commit(model_dir, writers)
     return meta
 
