@@ -10,6 +10,7 @@ import typer
 
 from oneencoder.errors import OneEncoderError
 from oneencoder.evaluation.metrics import format_number
+from oneencoder.evaluation.model_card import CARD
 from oneencoder.model.checkpoint import modality_from_meta, read_meta, verify_files
 from oneencoder.model.parts import projection_from_dict
 
@@ -76,6 +77,11 @@ def info(
             for direction, metrics in directions.items():
                 shown = [k for k in _SHOWN_METRICS if isinstance(metrics.get(k), (int, float))]
                 echo(f"    {key} {direction}: " + "  ".join(f"{k}={format_number(metrics[k])}" for k in shown))
+    card = model / CARD
+    if card.is_file():
+        echo(f"model card (licences, data, held-out results with intervals, limitations): {card}")
+    else:
+        echo(f"model card: none yet ({CARD} is written when a stage finishes)")
     decoder = record.get("decoder")
     if isinstance(decoder, dict):
         echo(f"caption decoder: {decoder.get('vocab_size')} words, trained on {decoder.get('n_captions')} captions "

@@ -20,16 +20,24 @@ from ._common import echo, note, quiet_libraries, user_errors
 _COLUMNS = ("R@1", "R@5", "R@10", "MRR")  # R@K is Hits@K in Text2Mol's terms
 
 
+def _table(directions: dict) -> str:
+    """Value (chance) per cell; under each row its bootstrap 95 % intervals, when the results hold them."""
+    rows = [(d, r["metrics"], r["chance"]) for d, r in directions.items()]
+    return format_table(rows, _COLUMNS, [r.get("intervals") for r in directions.values()])
+
+
 def print_results(test: dict) -> None:
-    rows = [(d, r["metrics"], r["chance"]) for d, r in test["directions"].items()]
-    echo(f"held-out {test['split']} split (chance level in brackets):")
-    echo(format_table(rows, _COLUMNS))
+    shown = "chance level in brackets"
+    if any("intervals" in r for r in test["directions"].values()):
+        shown += "; under each row, the 95 % bootstrap interval over queries"
+    echo(f"held-out {test['split']} split ({shown}):")
+    echo(_table(test["directions"]))
     gaps = [f"{d} {r['gap']['centroid_distance']:.3f}" for d, r in test["directions"].items() if "gap" in r]
     if gaps:
         echo("modality gap (distance between the centres of query and gallery embeddings): " + ", ".join(gaps))
     for subset, directions in test.get("subsets", {}).items():
         echo(f"\n{test['split']} subset held out by {subset}:")
-        echo(format_table([(d, r["metrics"], r["chance"]) for d, r in directions.items()], _COLUMNS))
+        echo(_table(directions))
 
 
 @user_errors

@@ -233,6 +233,14 @@ class AudioModality(Modality):
         "max_windows": option(8, range=AT_LEAST_1),  # tokens per clip; longer clips keep evenly spaced windows
     })
 
+    @classmethod
+    def licence_for(cls, backbone: str, options: dict[str, Any]) -> tuple[str, str] | None:
+        """CC BY 4.0 for the packaged aisfx weights (credit required); None for another checkpoint."""
+        if backbone != DEFAULT_BACKBONE:
+            return None
+        return ("CC-BY-4.0", 'the "X-Sequential-CE" model of Ma, Wang & Lerch (ISMIR 2021, aiSFX), from the PyPI '
+                             "package aisfx")
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         bb = self.backbone_id

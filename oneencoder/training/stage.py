@@ -20,6 +20,7 @@ import torch
 from ..data.manifest import manifest_hash, read_manifest
 from ..errors import ConfigError, OneEncoderError
 from ..evaluation.metrics import small_split_warning
+from ..evaluation.model_card import write_model_card
 from ..evaluation.retrieval import embed_bank, evaluate_samples
 from ..features.cache import cache_dir_for
 from ..fileio import sha256_file, write_json_atomic
@@ -284,6 +285,7 @@ def _test(config: StageConfig, model_dir: Path, run_dir: Path, modalities: dict[
                "epochs_run": fit.epochs_run, "steps": fit.steps, "train_seconds": round(fit.seconds, 1), "test": test}
     write_json_atomic(run_dir / "test.json", summary)
     _record_test_metrics(model_dir, meta, config.name, test, fit.best_epoch)
+    write_model_card(model_dir)  # README.md: what the model now is, trained on what, how well
     return summary
 
 
