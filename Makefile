@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-all test bench clean system-deps
+.PHONY: setup demo demo-all test bench docs clean system-deps
 
 setup: $(STAMP) system-deps
 
@@ -68,6 +68,11 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_cache.py
+
+# The documentation site (mkdocs-material over docs/, nav in mkdocs.yml) into site/; --strict
+# fails on a broken link or anchor and on a page left out of the nav.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf outputs build *.egg-info

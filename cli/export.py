@@ -40,4 +40,34 @@ def onnx(
     for graph in report["graphs"]:
         parity = f", max |onnxruntime - torch| {graph['max_abs_diff']:.1e}" if "max_abs_diff" in graph else ""
         echo(f"wrote {out / graph['file']}: {graph['modality']} ({graph['input']}) -> {graph['output_dim']}-d{parity}")
+    if report.get("preprocess"):
+        _echo_preprocess(out, report["preprocess"])
     echo(f"wrote {out / 'export.json'}")
+
+
+def _echo_preprocess(out: Path, report: dict) -> None:
+    """One line for preprocess.py (when written) and one per modality it leaves out, with the reason."""
+    if report["file"]:
+        echo(f"wrote {out / report['file']}: {', '.join(report['recipes'])} inputs with numpy + Pillow "
+             "(no torch), matching oneencoder's preprocessing")
+    for name, why in report["skipped"].items():
+        echo(f"{name}: not in preprocess.py: {why}")
+
+
+@app.command("preprocess")
+@user_errors
+def preprocess(
+    model: Path = typer.Option(..., "--model", "-m", help="Model directory."),
+    modality: Optional[List[str]] = typer.Option(None, "--modality",
+                                                 help="Modality (repeatable; default: each that can be exported "
+                                                      "with its backbone)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for preprocess.py (the graphs' folder)."),
+) -> None:
+    """Only preprocess.py: the full graphs' inputs with numpy + Pillow, no torch (as `onnx --with-backbone`).
+
+    Example:  oneencoder export preprocess --model outputs/demo/model --out outputs/demo/onnx
+    """
+    quiet_libraries()
+    from oneencoder.apps.export import export_preprocess
+
+    _echo_preprocess(out, export_preprocess(model, out, modalities=modality or None))

@@ -14,6 +14,10 @@ sequence length into reshapes, and ``torch.jit.script`` does not compile the mod
 
 Every graph is run in onnxruntime against PyTorch on the spot (``check``); the largest
 absolute difference is recorded in ``export.json`` and must stay under :data:`TOLERANCE`.
+
+Beside the full graphs goes ``preprocess.py`` (:func:`write_preprocess`): the module
+:mod:`oneencoder.apps.onnx_preprocess` with the model's numbers filled in, which makes the
+graphs' inputs with numpy and Pillow alone, checked against the library when written.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -32,8 +38,9 @@ from torch import nn
 
 from ..deps import require
 from ..errors import ConfigError, OneEncoderError
-from ..fileio import atomic_path, write_json_atomic
+from ..fileio import atomic_path, write_json_atomic, write_text_atomic
 from ..model.parts import OneEncoderModel
+from . import onnx_preprocess
 from .index import model_space
 
 #: Largest |onnxruntime - PyTorch| accepted on an exported embedding.
@@ -43,6 +50,12 @@ DEFAULT_OPSET = 18
 #: silently writes 18); the onnxruntime we check with loads graphs up to 25. A graph is written
 #: only if it declares the opset asked for (and, with ``check``, runs in onnxruntime).
 MIN_OPSET, MAX_OPSET = 18, 25
+#: Largest |preprocess.py - oneencoder| accepted on a modality's example inputs (pixels; token ids must be equal).
+PREPROCESS_TOLERANCE = 1e-6
+PREPROCESS_FILE = "preprocess.py"
+#: How the pixel modality resizes and renders SVG files (modalities/image.py): the parity check
+#: catches another resampling, tests/test_onnx_preprocess.py the SVG width on real stamps.
+_RESAMPLE, _SVG_WIDTH = "BICUBIC", 448
 
 
 def check_opset(opset: Any) -> int:
@@ -256,17 +269,143 @@ def export_full(encoder: Any, modality: str, path: Path, opset: int = DEFAULT_OP
     return entry
 
 
+def _save_tokenizer(m: Any, modality: str, out: Path) -> str | None:
+    """Save ``m``'s Hugging Face tokenizer, when it has one, as ``<modality>-tokenizer/`` in ``out``."""
+    tokenizer = getattr(m, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        return None
+    folder = out / f"{modality}-tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    return folder.name
+
+
 def _preprocessing(encoder: Any, modality: str, out: Path) -> dict[str, Any]:
     """What a runtime needs to make a full graph's inputs: the modality's options, and its
     tokenizer when it has one (``tokenizer.json`` reads with the ``tokenizers`` package alone)."""
     m = encoder.modality(modality)
     info: dict[str, Any] = {"options": dict(m.options)}
-    tokenizer = getattr(m, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        folder = out / f"{modality}-tokenizer"
-        tokenizer.save_pretrained(str(folder))
-        info["tokenizer"] = folder.name
+    folder = _save_tokenizer(m, modality, out)
+    if folder is not None:
+        info["tokenizer"] = folder
     return info
+
+
+def preprocess_recipe(m: Any, modality: str, out: Path) -> tuple[dict[str, Any] | None, str]:
+    """``(recipe, "")`` when ``preprocess.py`` reproduces ``m``'s preprocessing, else ``(None, why)``.
+
+    A modality qualifies by what it is, not by its name: pixels when its options hold
+    ``image_size``, ``mean`` and ``std``; token ids when it has a Hugging Face tokenizer (saved
+    to ``out``). Either way the recipe must then give what ``m.prepare`` + ``m.collate`` give
+    on ``m.example_inputs()``, one by one and batched, to :data:`PREPROCESS_TOLERANCE`.
+    """
+    opts, graph = m.options, f"{modality}-full.onnx"
+    if all(k in opts for k in ("image_size", "mean", "std")):
+        recipe = {"kind": "pixels", "graph": graph, "input": "input", "image_size": int(opts["image_size"]),
+                  "mean": [float(v) for v in opts["mean"]], "std": [float(v) for v in opts["std"]],
+                  "resample": _RESAMPLE, "svg_width": _SVG_WIDTH}
+    elif "max_tokens" in opts and getattr(m, "tokenizer", None) is not None:
+        folder = _save_tokenizer(m, modality, out)
+        if folder is None:
+            return None, "its tokenizer cannot be saved as tokenizer.json"
+        recipe = {"kind": "tokens", "graph": graph, "input": "input_ids + attention_mask",
+                  "tokenizer": f"{folder}/tokenizer.json", "max_tokens": int(opts["max_tokens"]),
+                  "pad_id": int(m.tokenizer.pad_token_id or 0)}
+    else:
+        return None, "no numpy/Pillow recipe makes its inputs (only images and token ids have one)"
+    examples = m.example_inputs()
+    if not examples:
+        return None, "it gives no example inputs to check a recipe on"
+    worst = 0.0
+    try:
+        for batch in [[x] for x in examples] + [examples]:
+            keys, expected = _batch_tensors(m.collate([m.prepare(x)[1] for x in batch]))
+            got = onnx_preprocess.preprocess(modality, batch, {modality: recipe}, out)
+            got = [got[k] for k in keys] if keys else [got]
+            for g, e in zip(got, expected, strict=True):
+                worst = max(worst, float(np.abs(g - e.numpy()).max()) if g.shape == tuple(e.shape) else np.inf)
+    except Exception as e:  # any failure of the recipe means it does not reproduce the library
+        return None, f"preprocess.py fails on its example inputs ({type(e).__name__}: {e})"
+    if worst > PREPROCESS_TOLERANCE:
+        return None, f"preprocess.py differs from its preprocessing by {worst:.2e} (> {PREPROCESS_TOLERANCE:g})"
+    return {**recipe, "max_abs_diff": worst}, ""
+
+
+def _identifier(name: str) -> str:
+    """A modality name as part of a Python function name (plugins may use dashes)."""
+    return re.sub(r"\W", "_", name)
+
+
+def _preprocess_source(recipes: dict[str, dict[str, Any]], model_dir: str) -> str:
+    """The template module with ``RECIPES`` filled in, a ``preprocess_<modality>`` per recipe and a ``main`` guard."""
+    source = Path(onnx_preprocess.__file__).read_text(encoding="utf-8")
+    empty = "RECIPES: dict[str, dict[str, Any]] = {}\n"
+    if source.count(empty) != 1:
+        raise OneEncoderError(f"{onnx_preprocess.__file__}: the template lost its RECIPES line")
+    rows = "".join(f"    {json.dumps(name)}: {json.dumps(recipe)},\n" for name, recipe in recipes.items())
+    filled = (f"# Written by `oneencoder export onnx` from {model_dir}: regenerate it rather than edit it.\n"
+              f"RECIPES: dict[str, dict[str, Any]] = {{\n{rows}}}\n")
+    wrappers = [f"\n\ndef preprocess_{_identifier(name)}(inputs: Any) -> Any:\n"
+                f'    """{name!r} inputs (one or a list) for {recipe["graph"]}: see :func:`preprocess`."""\n'
+                f"    return preprocess({name!r}, inputs)\n" for name, recipe in recipes.items()]
+    return source.replace(empty, filled) + "".join(wrappers) + '\n\nif __name__ == "__main__":\n    sys.exit(main())\n'
+
+
+def _no_recipe(skipped: dict[str, str]) -> str:
+    return "no torch-free preprocessing for " + "; ".join(f"{n}: {why}" for n, why in skipped.items())
+
+
+def write_preprocess(modalities: dict[str, Any], out: str | Path, model_dir: str | Path,
+                     strict: bool = False) -> dict[str, Any]:
+    """Write ``preprocess.py`` (numpy + Pillow, no torch) for those of ``modalities`` (name ->
+    :class:`Modality`, with the model's options) that have a recipe (:func:`preprocess_recipe`).
+
+    Returns:
+        ``{"file", "recipes": {modality: recipe}, "skipped": {modality: why}}``; ``file`` is
+        None (and nothing is written) when no modality has a recipe.
+
+    Raises:
+        OneEncoderError: ``strict`` and a modality has no recipe; nothing is written then.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipes, skipped = {}, {}
+    for name, m in modalities.items():
+        recipe, why = preprocess_recipe(m, name, out)
+        if recipe is None:
+            skipped[name] = why
+        else:
+            recipes[name] = recipe
+    if strict and skipped:
+        raise OneEncoderError(_no_recipe(skipped))
+    if recipes:
+        write_text_atomic(out / PREPROCESS_FILE, _preprocess_source(recipes, str(model_dir)))
+    return {"file": PREPROCESS_FILE if recipes else None, "recipes": recipes, "skipped": skipped}
+
+
+def export_preprocess(model_dir: str | Path, out: str | Path,
+                      modalities: Sequence[str] | None = None) -> dict[str, Any]:
+    """Only ``preprocess.py`` (and a tokenizer it reads), for ``modalities`` or every one with example inputs.
+
+    Raises:
+        OneEncoderError: A modality named has no recipe, or none has (the line says why for each).
+    """
+    from .api import load
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder for preprocess.py")
+    encoder = load(model_dir, device="cpu")
+    for name in modalities or ():
+        encoder.modality(name)  # one line naming a modality the model lacks
+    names = list(modalities or [n for n in encoder.modalities if encoder.modality(n).example_inputs()])
+    if not names:
+        raise OneEncoderError(f"{model_dir}: no modality of this model can be exported with its backbone, "
+                              "so there is nothing to preprocess")
+    # A modality named must get a recipe; of the default ones, at least one.
+    report = write_preprocess({n: encoder.modality(n) for n in names}, out, model_dir, strict=bool(modalities))
+    if report["file"] is None:
+        raise OneEncoderError(_no_recipe(report["skipped"]))
+    return report
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, modalities: Sequence[str] | None = None,
@@ -277,7 +416,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, modalities: Sequence[str
         modalities: Which to export (default: every one the model holds).
         with_backbone: Also write end-to-end graphs: of every named modality (one that cannot be
             exported is an error), or, with no ``modalities`` named, of each that gives
-            ``example_inputs`` (text and image).
+            ``example_inputs`` (text and image); and ``preprocess.py``, which makes their inputs
+            with numpy and Pillow (:func:`write_preprocess`).
         check: Compare every graph with PyTorch in onnxruntime; a difference above
             :data:`TOLERANCE` is an error.
 
@@ -308,9 +448,12 @@ def export_onnx(model_dir: str | Path, out: str | Path, modalities: Sequence[str
     if bad:
         raise OneEncoderError(f"{out / bad[0]['file']}: onnxruntime differs from PyTorch by "
                               f"{bad[0]['max_abs_diff']:.2e} (> {TOLERANCE:g}); try another --opset")
+    # The full graphs' inputs made with numpy + Pillow alone, checked against the library here.
+    preprocess = (write_preprocess({n: encoder.modality(n) for n in preprocessing}, out, model_dir)
+                  if preprocessing else None)
     report = {"format_version": 1, "model": str(Path(model_dir).resolve()), "embed_dim": encoder.model.embed_dim,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "space": {n: model_space(encoder.meta, n) for n in names}, "graphs": graphs,
-              "preprocessing": preprocessing}
+              "preprocessing": preprocessing, "preprocess": preprocess}
     write_json_atomic(out / "export.json", report)
     return report
