@@ -12,7 +12,7 @@ from oneencoder import __version__
 from oneencoder.progress import configure
 from oneencoder.registry import import_plugins
 
-from . import cache, curriculum, data, export, index
+from . import cache, curriculum, data, export, index, runs
 from ._common import set_debug, user_errors as with_user_errors
 from .add_modality import add_modality
 from .caption import caption, train_decoder
@@ -75,6 +75,7 @@ app.add_typer(cache.app, name="cache")
 app.add_typer(curriculum.app, name="curriculum")
 app.add_typer(index.app, name="index")
 app.add_typer(export.app, name="export")
+app.add_typer(runs.app, name="runs")
 app.command("train")(train)
 app.command("train-decoder")(train_decoder)
 app.command("caption")(caption)

@@ -25,6 +25,7 @@ from ..options import AT_LEAST_1, NON_NEGATIVE, OPEN_SHARE, POSITIVE, SHARE, Opt
 from ..registry import import_plugins
 from .curriculum.pacers import PACERS
 from .curriculum.weights import WEIGHTING_REGISTRY
+from .report import REPORTERS
 
 
 @dataclass
@@ -74,12 +75,17 @@ class TrainConfig:
     # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
     precision: str = option("auto", choices=("auto", "fp32", "bf16"))
     compile: bool = False  # torch.compile the model (worth it on GPUs for long runs)
+    # Where logs go besides metrics.jsonl (always written): "tensorboard" adds <run>/tensorboard/
+    report_to: list[str] = option(["jsonl"])
 
     def check(self, where: str) -> None:
-        """What two options need together, beyond each one's own range."""
+        """What two options need together, and the names a list option may hold, beyond each one's own range."""
         if self.lr * self.weight_decay >= 1:  # AdamW scales each weight by 1 - lr * weight_decay per step
             raise ConfigError(f"{where} lr * weight_decay must be < 1 (AdamW scales weights by "
                               f"1 - lr * weight_decay each step), got {self.lr} * {self.weight_decay}")
+        if not all(isinstance(n, str) and n in REPORTERS for n in self.report_to):
+            raise ConfigError(f"{where} report_to must list names of {', '.join(map(repr, REPORTERS))}, "
+                              f"got {self.report_to!r}")
 
 
 @dataclass

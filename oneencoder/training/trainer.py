@@ -24,11 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError, OneEncoderError
-from ..fileio import append_jsonl, atomic_path, write_json_atomic, write_jsonl_atomic
+from ..fileio import atomic_path, write_json_atomic, write_jsonl_atomic
 from ..progress import progress_bar, status
 from ..runtime import pick_device
 from . import distributed as ddp
 from .config import TrainConfig
+from .curves import write_run_curves
+from .report import METRICS, Reporter, make_reporters
 
 # Offsets the dropout stream of ranks > 0 (rank 0 keeps the single-process stream).
 _RANK_SEED_STRIDE = 1_000_003
@@ -37,7 +39,9 @@ _RANK_SEED_STRIDE = 1_000_003
 class BatchSampler(Protocol):
     """Yields the sample indices of each optimizer step: the *global* batch (all ranks together).
 
-    Everything the trainer reads of a sampler is declared here.
+    Everything the trainer reads of a sampler is declared here. A sampler may also hold
+    ``last_stats``, a dict of shares of its last batch (``pool``: the share of the training
+    data the curriculum admits): the trainer logs each as ``curriculum/<name>``.
     """
 
     #: Pairs per step, all ranks together (each rank embeds ``batch_size / world_size``).
@@ -150,6 +154,7 @@ class Trainer:
         self.total_steps = config.epochs * sampler.steps_per_epoch
         self.step, self.epoch, self.best, self.best_epoch, self.bad_epochs = 0, 0, -math.inf, -1, 0
         self.history: list[dict] = []
+        self.reporters: list[Reporter] = []  # rank 0's, made when fit() starts (after a resume)
 
     # ----- resume -----------------------------------------------------------
     def _state_paths(self) -> tuple[Path, Path]:
@@ -232,7 +237,7 @@ class Trainer:
 
     def _forget_logs_after(self, step: int) -> None:
         """Drop log rows past the resumed step: the resumed run logs those steps again."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / METRICS
         if not path.exists():
             return
         rows = []
@@ -265,14 +270,31 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step}: the loss is {logs['loss']}; training diverged. Lower "
                                    f"[train] lr (now {self.config.lr:g}) or raise warmup_steps, then rerun "
                                    "with --overwrite (or --replace)")
-        return logs
+        stats = getattr(self.sampler, "last_stats", None) or {}
+        return {**logs, **{f"curriculum/{k}": float(v) for k, v in stats.items()}}
 
     def fit(self) -> FitResult:
-        """Train until ``epochs`` or ``patience`` epochs without improvement."""
+        """Train until ``epochs`` or ``patience`` epochs without improvement.
+
+        Rank 0 reports every ``log_every`` steps and every validation (``[train] report_to``),
+        and draws ``curves.png`` in the run folder at the end.
+        """
         start = time.time()
-        log_path = self.run_dir / "metrics.jsonl"
-        if self.step == 0 and self.rank == 0:
-            self._forget_logs_after(0)  # rows of a run killed before its first saved state
+        if self.rank == 0:
+            if self.step == 0:
+                self._forget_logs_after(0)  # rows of a run killed before its first saved state
+            self.reporters = make_reporters(self.config.report_to, self.run_dir, self.step)
+        try:
+            self._fit_loop()
+        finally:
+            for reporter in self.reporters:
+                reporter.close()
+            self.reporters = []
+        if self.rank == 0:
+            write_run_curves(self.run_dir)
+        return FitResult(self.best, self.best_epoch, self.epoch, self.step, time.time() - start, self.history)
+
+    def _fit_loop(self) -> None:
         bar = progress_bar(total=self.total_steps, initial=self.step, desc="train", unit="step",
                            enabled=self.progress and self.rank == 0)
         while self.epoch < self.config.epochs and self.bad_epochs < self.config.patience:
@@ -284,13 +306,15 @@ class Trainer:
                 if self.rank == 0 and self.step % self.config.log_every == 0:
                     # Epochs count from 1 everywhere: a step row names the epoch it is in, a
                     # validation row the epoch it closes, best_epoch that same number.
-                    append_jsonl(log_path, {"step": self.step, "epoch": self.epoch + 1,
-                                            "lr": self.optimizer.param_groups[0]["lr"], **logs})
+                    row = {"step": self.step, "epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                           **logs}
+                    for reporter in self.reporters:
+                        reporter.step(row)
             self.epoch += 1
             for callback in self.epoch_callbacks:
                 callback(self.epoch)
             if self.rank == 0:
-                self._end_epoch(log_path)
+                self._end_epoch()
             if self.distributed:  # every rank must agree on early stopping
                 flag = torch.tensor([self.bad_epochs], device=self.device)
                 dist.broadcast(flag, 0)
@@ -301,15 +325,15 @@ class Trainer:
             status(f"early stop after epoch {self.epoch} of {self.config.epochs}: validation score has not improved for "
                    f"{self.bad_epochs} epochs ([train] patience); keeping epoch {self.best_epoch} "
                    f"(score {self.best:.4f})")
-        return FitResult(self.best, self.best_epoch, self.epoch, self.step, time.time() - start, self.history)
 
-    def _end_epoch(self, log_path: Path) -> None:
+    def _end_epoch(self) -> None:
         self.objective.eval()
         with torch.no_grad():
             val = self.validate()
         row = {"epoch": self.epoch, "step": self.step, **{f"val/{k}": v for k, v in val.items()}}
         self.history.append(row)
-        append_jsonl(log_path, row)
+        for reporter in self.reporters:
+            reporter.validation(row)
         if val["score"] > self.best:
             self.best, self.best_epoch, self.bad_epochs = val["score"], self.epoch, 0
             self.on_best(val)
