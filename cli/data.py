@@ -6,14 +6,16 @@ Each command is a thin wrapper over a ``build_*`` function that ``demo-all`` reu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
+from oneencoder.data.folder_import import DEFAULT_TEMPLATE
 from oneencoder.data.manifest import write_manifest
 from oneencoder.data.sources.emoji import EMOJIONE_ROOT, NOTO_FONT as EMOJI_FONT
 from oneencoder.data.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
 from oneencoder.data.sources.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
+from oneencoder.errors import OneEncoderError
 from oneencoder.fileio import ensure_writable
 
 from ._common import echo, note, user_errors
@@ -251,12 +253,30 @@ def corrupt(
     build_corrupt(src, out, fraction, seed)
 
 
+def _import_folder(folder: Path, out: Path, maps: Optional[List[str]], split_col: Optional[str],
+                   group_col: Optional[str], id_col: Optional[str], fmt: Optional[str], val: Optional[float],
+                   test: Optional[float], template: str, modalities: Optional[List[str]]) -> Any:
+    """``data import FOLDER``: the table-only options are refused by name."""
+    from oneencoder.data.folder_import import import_folder
+
+    given = [name for name, value in (("--map", maps), ("--split-col", split_col), ("--group-col", group_col),
+                                      ("--id-col", id_col), ("--format", fmt)) if value]
+    if given:
+        raise OneEncoderError(f"{folder} is a folder: {', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} "
+                              "to a table (a folder's modalities come from file extensions, ids from file names)")
+    return import_folder(folder, out, template=template, modalities=modalities, val=val, test=test)
+
+
 @app.command("import")
 @user_errors
 def import_table(
-    file: Path = typer.Argument(..., help="CSV, TSV or JSONL table, one sample per row (CSV/TSV: header line)."),
+    file: Path = typer.Argument(..., metavar="TABLE|FOLDER",
+                                help="CSV, TSV or JSONL table, one sample per row (CSV/TSV: header line); or a "
+                                     "folder in the imagefolder/audiofolder layout (class subfolders, "
+                                     "metadata.csv/.jsonl, train/ val/ test/)."),
     maps: Optional[List[str]] = typer.Option(None, "--map", "-m", metavar="MODALITY=COLUMN",
-                                             help="Put COLUMN in MODALITY's manifest field; repeat per modality."),
+                                             help="Table: put COLUMN in MODALITY's manifest field; repeat per "
+                                                  "modality."),
     out: Path = typer.Option(Path("manifest.jsonl"), "--out", "-o",
                              help="Manifest to write; rejected rows go to <out stem>.rejects.jsonl beside it."),
     split_col: Optional[str] = typer.Option(None, "--split-col", help="Column holding train/val/test."),
@@ -270,21 +290,42 @@ def import_table(
                                          help="Column holding sample ids (default: the first file's path "
                                               "without extension)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="csv, tsv or jsonl (default: from the file name)."),
+    template: str = typer.Option(DEFAULT_TEMPLATE, "--template",
+                                 help="Folder: caption of a labelled file without text; {} (or {label}) stands "
+                                      "for the class folder's name in words (hot_dog -> hot dog)."),
+    modality: Optional[List[str]] = typer.Option(None, "--modality",
+                                                 help="Folder: import only this modality's files (repeatable; "
+                                                      "default: every modality that recognises its extension)."),
 ) -> None:
-    """Your own data: a CSV, TSV or JSONL table as a checked manifest.
+    """Your own data: a CSV, TSV or JSONL table, or a folder as it is, as a checked manifest.
 
-    Relative paths are read relative to the table's folder. Every file is opened and
-    decoded by its modality; bad rows go to the rejects file and the import goes on.
-    Without --split-col or --val/--test, the split is the caption-hash split (test 20%,
-    val 10%), so samples that share a caption share a split.
+    Table: relative paths are read relative to the table's folder. Without --split-col or
+    --val/--test, the split is the caption-hash split (test 20%, val 10%), so samples that
+    share a caption share a split.
+
+    Folder (Hugging Face imagefolder/audiofolder): every file a modality recognises is a
+    sample; class subfolders become `label` (and the caption --template when there is no
+    text); metadata.csv/.jsonl rows (file_name, text, ...) add fields; train/, validation/
+    or val/, test/ subfolders are the splits.
+
+    Every file is opened and decoded by its modality; bad rows or files go to the rejects
+    file and the import goes on.
 
     Example:  oneencoder data import pairs.csv --map image=path --map text=caption --out manifest.jsonl
+
+    Example:  oneencoder data import my_photos/ --out my_photos.jsonl
     """
     ensure_writable(out)  # before reading and decoding the data
-    from oneencoder.data.table_import import import_table as run_import
+    if file.is_dir():
+        report = _import_folder(file, out, maps, split_col, group_col, id_col, fmt, val, test, template, modality)
+    else:
+        from oneencoder.data.table_import import import_table as run_import
 
-    report = run_import(file, out, maps or [], fmt=fmt, split_col=split_col, val=val, test=test,
-                        group_col=group_col, id_col=id_col)
+        if modality or template != DEFAULT_TEMPLATE:
+            raise OneEncoderError(f"{file}: --modality and --template apply to a folder; a table names its "
+                                  "modalities with --map")
+        report = run_import(file, out, maps or [], fmt=fmt, split_col=split_col, val=val, test=test,
+                            group_col=group_col, id_col=id_col)
     for line in report.notes:
         note(f"note: {line}")
     if report.straddling:

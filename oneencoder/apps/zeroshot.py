@@ -99,8 +99,31 @@ def label_embeddings(model: "OneEncoder", labels: Sequence[str], template: str |
     return F.normalize(emb.view(len(sentences), per_label, -1).mean(1), dim=-1)
 
 
+#: Softmax temperature of the probabilities when the model stores no calibration (CLIP's logit scale 100).
+DEFAULT_TEMPERATURE = 0.01
+
+
+def probability_scale(meta: dict[str, Any]) -> tuple[float, str]:
+    """The temperature of ``classify``'s probabilities, and a sentence that says what they are.
+
+    A model that stores ``"calibration": {"temperature": T, "fitted_on": ...}`` in its
+    ``oneencoder.json`` (a temperature fitted on held-out data) gets T; any other model gets
+    :data:`DEFAULT_TEMPERATURE`, and its probabilities are a ranking made to look like
+    probabilities: uncalibrated, and usually over-confident.
+    """
+    calibration = meta.get("calibration")
+    temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0:
+        where = calibration.get("fitted_on") or "held-out data"
+        return float(temperature), (f"probabilities calibrated: softmax at the temperature {temperature:.4g} "
+                                    f"fitted on {where}")
+    return DEFAULT_TEMPERATURE, (f"probabilities uncalibrated: softmax of the cosines at logit scale "
+                                 f"{1 / DEFAULT_TEMPERATURE:g} (temperature {DEFAULT_TEMPERATURE:g}, CLIP's); "
+                                 "the model stores no calibration, so read them as a ranking, not as odds")
+
+
 def classify(model: "OneEncoder", modality: str, inputs: Any, labels: Sequence[str],
-             template: str | Sequence[str] = "{}", k: int = 5, temperature: float = 0.01,
+             template: str | Sequence[str] = "{}", k: int = 5, temperature: float = DEFAULT_TEMPERATURE,
              batch_size: int = 32, progress: bool | None = None,
              cache: "CachedFeatures | None" = None) -> Classification:
     """Classify ``inputs`` of ``modality`` among ``labels`` (see :meth:`OneEncoder.classify`)."""

@@ -133,7 +133,7 @@ def _bad_utf8(value: Any) -> bool:
     return False
 
 
-def _read_table(path: Path, fmt: str) -> tuple[list[str], list[_Row]]:
+def read_table(path: Path, fmt: str) -> tuple[list[str], list[_Row]]:
     """Column names and rows; rows that cannot be parsed carry a ``problem`` instead of aborting."""
     try:
         content = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
@@ -215,7 +215,7 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def _check_file(modality: str, path: str, loader: Any) -> str | None:
+def check_file(modality: str, path: str, loader: Any) -> str | None:
     """Why ``path`` is no good input of ``modality``, or None."""
     if not os.path.exists(path):
         return f"{modality} file not found: {path}"
@@ -304,7 +304,7 @@ def import_table(src: str | Path, out: str | Path, mapping: Sequence[str], *, fm
     if fractions and (min(fractions) < 0 or sum(fractions) > 1):
         raise ConfigError(f"--val {fractions[0]} --test {fractions[1]}: shares must be >= 0 and sum to at most 1")
 
-    columns, rows = _read_table(src, fmt)
+    columns, rows = read_table(src, fmt)
     options = [(f"--map {m}={c}", c) for m, c in names.items()]
     options += [(f"{opt} {c}", c) for opt, c in (("--split-col", split_col), ("--group-col", group_col),
                                                  ("--id-col", id_col)) if c]
@@ -426,7 +426,7 @@ def _row_problem(rec: dict, names: dict[str, str], specs: dict, column_of: dict[
         if specs[modality].reads_files and isinstance(value, str):
             if modality not in loaders:
                 loaders[modality] = MODALITIES.get(modality)()  # default options: decoding, not features
-            why = _check_file(modality, value, loaders[modality])
+            why = check_file(modality, value, loaders[modality])
             if why:
                 return column, why
     return None

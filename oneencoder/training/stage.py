@@ -258,6 +258,8 @@ def _run_stage(config: StageConfig, model_dir: Path, resume: bool, overwrite: bo
 
     # ----- train, then test the best checkpoint
     trainer = Trainer(config.train, objective, sampler, validate, on_best, run_dir, device, progress, callbacks)
+    if init_from is not None and not resuming and ddp.is_main():  # the trainer has moved the model to `device`
+        _report_baseline(model, validate, init_from)
     if resuming and trainer.try_resume() and ddp.is_main():
         status(f"resuming {config.name} from step {trainer.step} (epoch {trainer.epoch})")
     if viewed:  # each epoch reads its own draw of views, a resumed one included
@@ -267,6 +269,16 @@ def _run_stage(config: StageConfig, model_dir: Path, resume: bool, overwrite: bo
     summary = _test(config, model_dir, run_dir, modalities, records, anchor, fit) if ddp.is_main() else None
     ddp.barrier()  # no rank leaves before the model directory is final
     return summary
+
+
+def _report_baseline(model: OneEncoderModel, validate: Any, init_from: Path) -> None:
+    """One line: the starting model's validation score, the baseline that fine-tuning must beat."""
+    model.eval()
+    with torch.no_grad():
+        val = validate()
+    recalls = ", ".join(f"{k} {v:.3f}" for k, v in val.items() if k.endswith("/R@1"))
+    status(f"baseline (--init-from {init_from}, before training): validation score {val['score']:.4f} "
+           f"(mean R@1/5/10 both ways; {recalls})")
 
 
 def _test(config: StageConfig, model_dir: Path, run_dir: Path, modalities: dict[str, Modality],
