@@ -11,6 +11,7 @@ STAMPS_DIR := /usr/share/tuxpaint/stamps
 OPENCLIPART_DIR := /usr/share/openclipart
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 EMOJIONE_DIR := /usr/share/rubygems-integration/all/gems/gemojione-3.3.0/assets/png
+SOUNDFONT := /usr/share/sounds/sf2/FluidR3_GM.sf2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -40,6 +41,8 @@ $(STAMP): requirements/torch.txt requirements/lock.txt requirements/no-deps.txt 
 # are the noisy image-text data of `oneencoder data openclipart` (docs/openclipart.md).
 # fonts-noto-color-emoji (OFL) and ruby-gemojione (EmojiOne art, CC-BY-SA-4.0) are the two emoji
 # art styles of `oneencoder data emoji` (docs/emoji.md).
+# fluidsynth + fluid-soundfont-gm (MIT) render the named sounds of `oneencoder data soundfont`
+# (docs/audio.md).
 # chromium + chromium-driver: the headless browser of tests/test_serve_browser.py (nothing downloads one).
 system-deps:
 	@missing=""; \
@@ -48,6 +51,8 @@ system-deps:
 	[ -d $(OPENCLIPART_DIR)/svg ] || missing="$$missing openclipart-svg"; \
 	[ -f $(EMOJI_FONT) ] || missing="$$missing fonts-noto-color-emoji"; \
 	[ -d $(EMOJIONE_DIR) ] || missing="$$missing ruby-gemojione"; \
+	[ -x /usr/bin/fluidsynth ] || missing="$$missing fluidsynth"; \
+	[ -f $(SOUNDFONT) ] || missing="$$missing fluid-soundfont-gm"; \
 	ldconfig -p | grep -q 'libcairo.so.2 ' || missing="$$missing libcairo2"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \

@@ -7,6 +7,12 @@ file has to be copied for an ablation arm:
     .venv/bin/python benchmarks/stage_seeds.py stages/image_text_lit.toml --seeds 0,1,2 \
         loss.name='"sigmoid"' loss.init_temperature=0.1 data.cache_dir='"outputs/lite2-mpnet"'
 
+With ``--add-to MODEL`` the stage adds its trainable modality to a copy of MODEL per seed
+(as ``oneencoder add-modality`` does; ``--anchor`` as there):
+
+    .venv/bin/python benchmarks/stage_seeds.py stages/audio.toml --add-to outputs/demo/model --anchor text \
+        data.manifest='"outputs/sounds/combined.jsonl"' data.cache_dir='"outputs/sounds/cache"'
+
 Features missing from the cache are encoded first (as ``oneencoder train`` does). Models
 are written to temporary folders and removed; one JSON line per arm is appended to
 ``--log``. Choices are made on the ``val`` columns; ``test`` is reported, never tuned on.
@@ -27,7 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from oneencoder.model.checkpoint import read_meta  # noqa: E402
-from oneencoder.training.config import parse_stage, resolve_stage_path  # noqa: E402
+from oneencoder.training.add_modality import add_modality_config  # noqa: E402
+from oneencoder.training.config import StageConfig, parse_stage, resolve_stage_path  # noqa: E402
 from oneencoder.training.prepare import prepare_stage  # noqa: E402
 from oneencoder.training.stage import run_stage  # noqa: E402
 
@@ -49,12 +56,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def run_seed(raw: dict, source: str, seed: int) -> dict:
-    raw.setdefault("train", {})["seed"] = seed
-    config = parse_stage(raw, source)
+def stage_config(raw: dict, source: str, seed: int, add_to: str | None, anchor: str | None,
+                 overrides: list[str]) -> StageConfig:
+    """The seed's config: the stage itself, or (``add_to``) an add-modality stage on its modality."""
+    if add_to is None:
+        raw.setdefault("train", {})["seed"] = seed
+        return parse_stage(raw, source)
+    sections = apply_overrides({}, overrides + [f"train.seed={seed}"])
+    data = sections.pop("data", {})
+    return add_modality_config(raw["stage"]["trainable"][0], data.get("manifest", raw["data"]["manifest"]),
+                               anchor=anchor, cache_dir=data.get("cache_dir", raw["data"].get("cache_dir")),
+                               stage=source, overrides=sections)
+
+
+def run_seed(config: StageConfig, seed: int, add_to: str | None) -> dict:
     out = Path(tempfile.mkdtemp(prefix="stage-seeds-"))
     try:
         start = time.time()
+        if add_to is not None:  # a fresh copy of the model each seed
+            shutil.copytree(add_to, out, dirs_exist_ok=True)
         result = run_stage(config, out, progress=False)
         entry = next(e for e in read_meta(out)["stages"] if e["name"] == config.name)
     finally:
@@ -80,15 +100,20 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=TOML-value")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--log", default="outputs/stage_seeds.jsonl")
+    parser.add_argument("--add-to", help="model directory to add the stage's trainable modality to (a copy per seed)")
+    parser.add_argument("--anchor", help="with --add-to: the modality to align to")
     args = parser.parse_intermixed_args()
     path = resolve_stage_path(args.stage)
     raw = apply_overrides(tomllib.loads(path.read_text(encoding="utf-8")), args.overrides)
-    prepare_stage(parse_stage(raw, str(path)))  # encode what the cache lacks, once: seeds share the features
+    seeds = [int(s) for s in args.seeds.split(",")]
+    configs = {seed: stage_config(raw, str(path), seed, args.add_to, args.anchor, args.overrides) for seed in seeds}
+    # encode what the cache lacks, once: seeds share the features
+    prepare_stage(configs[seeds[0]], model_dir=args.add_to)
     rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        rows.append(run_seed(raw, str(path), seed))
+    for seed in seeds:
+        rows.append(run_seed(configs[seed], seed, args.add_to))
         print(json.dumps(rows[-1]), flush=True)
-    summary = {"stage": str(path), "overrides": args.overrides,
+    summary = {"stage": str(path), "overrides": args.overrides, "add_to": args.add_to, "anchor": args.anchor,
                "val": {k: mean_std([r["val"][k] for r in rows]) for k in rows[0]["val"]},
                "test": {k: mean_std([r["test"][k] for r in rows]) for k in rows[0]["test"]}}
     print("val  " + "  ".join(f"{k} {v}" for k, v in summary["val"].items()))

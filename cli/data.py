@@ -14,11 +14,16 @@ from oneencoder.data.folder_import import DEFAULT_TEMPLATE
 from oneencoder.data.manifest import write_manifest
 from oneencoder.data.sources.emoji import EMOJIONE_ROOT, NOTO_FONT as EMOJI_FONT
 from oneencoder.data.sources.openclipart import DEFAULT_ROOT as OPENCLIPART_ROOT
+from oneencoder.data.sources.soundfont import SOUNDFONT
 from oneencoder.data.sources.tuxpaint import DEFAULT_ROOT, summarize, tuxpaint_records
 from oneencoder.errors import OneEncoderError
 from oneencoder.fileio import ensure_writable
 
 from ._common import echo, note, user_errors
+
+#: ``--tuxpaint-root`` of a builder that keeps Tux Paint's held-out concepts out of training.
+TUXPAINT_HELD_OUT = typer.Option(DEFAULT_ROOT, "--tuxpaint-root",
+                                 help="Tux Paint stamps folder (its val/test captions are never trained on).")
 
 app = typer.Typer(help="Build dataset manifests (JSONL) from installed data.", no_args_is_help=True)
 
@@ -43,6 +48,18 @@ def build_tuxpaint_audio(out: Path, root: Path = DEFAULT_ROOT, augment: int = 4,
             note(f"skipped {reject['id']}: {reject['reason']}")
     return _write(out, base + extra, lambda rows: {**summarize(base), "augmented": len(extra),
                                                    "rejected": len(rejects)})
+
+
+def build_audio_with_sounds(out: Path, augment: int = 4) -> Path:
+    """The combined audio data of ``demo-all``: Tux Paint's stamp sounds (``<out folder>/audio/``) and
+    the named sounds (``<out folder>/sounds/``) in one manifest ``out``, Tux Paint's test rows held out
+    as ``tuxpaint``."""
+    from oneencoder.data.combine import combine_manifests
+
+    stamps = build_tuxpaint_audio(out.parent / "audio" / "manifest.jsonl", augment=augment)
+    sounds = build_soundfont(out.parent / "sounds" / "manifest.jsonl")
+    combine_manifests([stamps, sounds], out, names=["tuxpaint", None])
+    return out
 
 
 def build_chemicals(out: Path, limit: int = 20000) -> Path:
@@ -79,6 +96,14 @@ def build_emoji(out: Path, font: Path = EMOJI_FONT, emojione_root: Path = EMOJIO
     from oneencoder.data.sources.emoji import build_emoji as run_build
 
     echo(run_build(out, font, emojione_root, tuxpaint_root, limit=limit).summary())
+    return out
+
+
+def build_soundfont(out: Path, soundfont: Path = SOUNDFONT, tuxpaint_root: Path = DEFAULT_ROOT) -> Path:
+    """General MIDI instruments, drums and effects rendered with fluidsynth; prints the summary."""
+    from oneencoder.data.sources.soundfont import build_soundfont as run_build
+
+    echo(run_build(out, soundfont, tuxpaint_root).summary())
     return out
 
 
@@ -213,8 +238,7 @@ def emoji(
     font: Path = typer.Option(EMOJI_FONT, help="Noto Color Emoji font (Debian fonts-noto-color-emoji)."),
     emojione_root: Path = typer.Option(EMOJIONE_ROOT, "--emojione-root",
                                        help="Folder of EmojiOne <codepoints>.png files (Debian ruby-gemojione)."),
-    tuxpaint_root: Path = typer.Option(DEFAULT_ROOT, "--tuxpaint-root",
-                                       help="Tux Paint stamps folder (its val/test captions are never trained on)."),
+    tuxpaint_root: Path = TUXPAINT_HELD_OUT,
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N emoji (sorted by code point)."),
 ) -> None:
     """Emoji image-caption pairs in two art styles; one style is held out as test data.
@@ -229,6 +253,59 @@ def emoji(
     """
     ensure_writable(out)  # before reading and drawing the data
     build_emoji(out, font, emojione_root, tuxpaint_root, limit)
+
+
+@app.command("soundfont")
+@user_errors
+def soundfont(
+    out: Path = typer.Option(Path("outputs/sounds/manifest.jsonl"), "--out", "-o",
+                             help="Manifest to write; clips go to <out folder>/clips/, rejects to "
+                                  "<out stem>.rejects.jsonl."),
+    soundfont_file: Path = typer.Option(SOUNDFONT, "--soundfont",
+                                        help="General MIDI SoundFont (Debian fluid-soundfont-gm)."),
+    tuxpaint_root: Path = TUXPAINT_HELD_OUT,
+) -> None:
+    """Named sounds: General MIDI instruments, drums and effects, rendered with fluidsynth.
+
+    Captions are the instrument's name as a sentence ("A violin.", "Applause.").
+    Every sound is in every split; the rendering condition is held out: instruments
+    test on an unseen pitch and velocity (`heldout: "unseen-pitch"`), drums on an
+    unseen velocity (`heldout: "unseen-velocity"`). Rerunning reuses the clips.
+
+    Example:  oneencoder data soundfont --out outputs/sounds/manifest.jsonl
+    """
+    ensure_writable(out)  # before rendering
+    build_soundfont(out, soundfont_file, tuxpaint_root)
+
+
+@app.command("combine")
+@user_errors
+def combine(
+    inputs: List[str] = typer.Argument(..., help="Manifests to combine, each as PATH or PATH=NAME: the source's "
+                                                 "test rows without a heldout value get NAME."),
+    out: Path = typer.Option(..., "--out", "-o", help="Manifest to write."),
+) -> None:
+    """One manifest from several sources, each source's test rows scored apart.
+
+    A test row with no `heldout` value gets its source's NAME, so eval reports every
+    source on its own gallery (as a test subset) besides the whole test split.
+
+    Example:  oneencoder data combine outputs/audio/manifest.jsonl=tuxpaint \\
+                  outputs/sounds/manifest.jsonl --out outputs/audio-sounds/manifest.jsonl
+    """
+    from oneencoder.data.combine import combine_manifests
+
+    ensure_writable(out)
+    paths, names = [], []
+    for item in inputs:
+        path, sep, name = item.rpartition("=")
+        if not sep or Path(item).exists():
+            path, name = item, None
+        paths.append(Path(path))
+        names.append(name or None)
+    counts = combine_manifests(paths, out, names)
+    echo(f"wrote {out}: " + "; ".join(f"{p} " + ", ".join(f"{k} {v}" for k, v in c.items())
+                                       for p, c in counts.items()))
 
 
 @app.command("corrupt")

@@ -1,7 +1,7 @@
 """Builders that write JSONL manifests from real, locally installed data."""
 
 # What each held-out subset means (values of a test record's ``heldout`` field, written by
-# the pybullet and emoji builders), in report order.
+# the pybullet, emoji and soundfont builders and by `data combine`), in report order.
 HELDOUT_LABELS = {
     "all": "test split",
     "pose": "new poses of seen objects",
@@ -10,4 +10,7 @@ HELDOUT_LABELS = {
     "combo": "unseen action-object combos",
     "concept": "unseen emoji in a seen art style",
     "style": "unseen emoji in an unseen art style",
+    "tuxpaint": "Tux Paint test stamps (captions never trained on)",
+    "unseen-pitch": "named instruments at an unseen pitch and velocity",
+    "unseen-velocity": "named drums at an unseen velocity",
 }
