@@ -8,12 +8,15 @@ from typing import Optional
 
 import typer
 
+from oneencoder.apps.captions import evaluate_captions
 from oneencoder.errors import OneEncoderError
+from oneencoder.generation.captioner import load_captioner
 from oneencoder.evaluation.retrieval import evaluate_samples
 from oneencoder.fileio import ensure_writable, write_json_atomic
 from oneencoder.training.prepare import prepare_stage
 
-from ._common import echo, note, quiet_libraries, user_errors
+from ._common import echo, note, prepared_model, quiet_libraries, user_errors
+from .caption import print_caption_scores
 from .train import print_results
 
 
@@ -26,6 +29,10 @@ def evaluate(
     split: str = typer.Option("test", help="train, val or test."),
     out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: <model>/eval-<split>.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object instead of tables."),
+    generate: bool = typer.Option(False, "--generate",
+                                  help="Also caption every modality's samples with the model's decoder "
+                                       "(train-decoder): BLEU, CIDEr-D and WER beside retrieval captioning and "
+                                       "the text-only prior."),
 ) -> None:
     """Recall@1/5/10, mAP, NDCG@10, R-Precision, MRR, median rank, with chance levels.
 
@@ -43,11 +50,17 @@ def evaluate(
         raise OneEncoderError(f"{manifest}: inputs for {len(prepared.modalities)} of the model's modalities "
                               f"({', '.join(prepared.modalities) or 'none'}); eval needs two (fields: {fields})")
     prepared.build_caches(log=note)
+    captioner = load_captioner(model) if generate else None  # no decoder: say so before the retrieval work
     results = evaluate_samples(prepared.model, prepared.modalities, prepared.records, prepared.cache_dir, split)
+    if generate:
+        results["generation"] = evaluate_captions(prepared_model(prepared, "auto"), prepared.records,
+                                                  prepared.cache_dir, split, captioner=captioner)
     write_json_atomic(path, results)
     if as_json:
         echo(json.dumps(results, ensure_ascii=False))
         note(f"wrote {path}")
         return
     print_results(results)
+    if generate:
+        print_caption_scores(results["generation"], split)
     echo(f"wrote {path}")

@@ -120,6 +120,21 @@ def test_caption_command_and_a_model_without_decoder(captioned_model: Path, trai
         oneencoder.load(trained_model["dir"]).caption("text", ["A badger."])
 
 
+def test_eval_generate_reports_captions_beside_retrieval(captioned_model: Path, trained_model: dict,
+                                                         small_manifest: Path, small_cache: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    args = ["eval", "--manifest", str(small_manifest), "--cache-dir", str(small_cache), "--generate", "--out", str(out)]
+    result = runner.invoke(app, args + ["--model", str(captioned_model)])
+    assert result.exit_code == 0, result.output
+    assert "captions on the test split" in result.output and "image→text" in result.output
+    generation = json.loads(out.read_text())["generation"]["image"]
+    assert generation["n"] > 0 and {"decoder", "retrieval", "prior"} <= set(generation)
+    assert 0.0 <= generation["decoder"]["CIDEr-D"] and 0.0 <= generation["prior"]["WER"]
+    bare = runner.invoke(app, args + ["--model", str(trained_model["dir"])])
+    assert bare.exit_code == 2 and "holds no caption decoder" in bare.output
+
+
 def test_retraining_stage_one_drops_the_decoder(captioned_model: Path, small_manifest: Path, small_cache: Path,
                                                 make_config, tmp_path: Path) -> None:
     from oneencoder.training.stage import run_stage
