@@ -12,6 +12,7 @@ from oneencoder.apps.captions import evaluate_captions
 from oneencoder.errors import OneEncoderError
 from oneencoder.generation.captioner import load_captioner
 from oneencoder.evaluation.retrieval import evaluate_samples
+from oneencoder.evaluation.robustness import corruptible, evaluate_robustness, format_robustness
 from oneencoder.fileio import ensure_writable, write_json_atomic
 from oneencoder.training.prepare import prepare_stage
 
@@ -33,12 +34,24 @@ def evaluate(
                                   help="Also caption every modality's samples with the model's decoder "
                                        "(train-decoder): BLEU, CIDEr-D and WER beside retrieval captioning and "
                                        "the text-only prior."),
+    robustness: bool = typer.Option(False, "--robustness",
+                                    help="Also rerun the retrieval with each query modality corrupted at set strengths "
+                                         "(re-encoded from its files, in memory) and, for records with several input "
+                                         "modalities, with each dropped; reports how far each metric falls."),
+    robustness_modalities: Optional[str] = typer.Option(None, metavar="A,B",
+                                                        help="Query modalities to corrupt or drop (default: all that "
+                                                             "offer corruptions)."),
+    robustness_limit: Optional[int] = typer.Option(None, min=1, metavar="N",
+                                                   help="Re-encode at most N queries per modality (the same N in "
+                                                        "every run)."),
 ) -> None:
     """Recall@1/5/10, mAP, NDCG@10, R-Precision, MRR, median rank, with chance levels.
 
     Example:  oneencoder eval --model outputs/demo/model --split test
 
     For scripts:  oneencoder --quiet eval --model outputs/demo/model --json | python -m json.tool
+
+    Robustness:  oneencoder eval --model outputs/demo/model --robustness --robustness-modalities image
     """
     quiet_libraries()
     prepared = prepare_stage(model_dir=model, manifest=manifest, cache_dir=cache_dir, build_caches=False)
@@ -49,12 +62,16 @@ def evaluate(
         fields = {n: info["record_key"] for n, info in held.items()}
         raise OneEncoderError(f"{manifest}: inputs for {len(prepared.modalities)} of the model's modalities "
                               f"({', '.join(prepared.modalities) or 'none'}); eval needs two (fields: {fields})")
+    chosen = corruptible(prepared.modalities, robustness_modalities) if robustness else None  # checked first
     prepared.build_caches(log=note)
     captioner = load_captioner(model) if generate else None  # no decoder: say so before the retrieval work
     results = evaluate_samples(prepared.model, prepared.modalities, prepared.records, prepared.cache_dir, split)
     if generate:
         results["generation"] = evaluate_captions(prepared_model(prepared, "auto"), prepared.records,
                                                   prepared.cache_dir, split, captioner=captioner)
+    if robustness:
+        results["robustness"] = evaluate_robustness(prepared.model, prepared.modalities, prepared.records,
+                                                    prepared.cache_dir, split, only=chosen, limit=robustness_limit)
     write_json_atomic(path, results)
     if as_json:
         echo(json.dumps(results, ensure_ascii=False))
@@ -63,4 +80,7 @@ def evaluate(
     print_results(results)
     if generate:
         print_caption_scores(results["generation"], split)
+    if robustness:
+        echo(f"\nrobustness on the {split} split (in brackets: the change from the clean row):")
+        echo(format_robustness(results["robustness"]))
     echo(f"wrote {path}")

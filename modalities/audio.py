@@ -18,6 +18,8 @@ frames ``[T, 96]`` cut into blocks of 100 frames (about 2.3 s), the last one zer
 from __future__ import annotations
 
 import functools
+import math
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,6 +350,27 @@ class AudioModality(Modality):
             "onset_density": float(len(onsets) / duration) if duration > 0 else 0.0,
             "snr_db": float(snr),
         }
+
+    # ----- corruptions of ``eval --robustness`` ----------------------------------------------
+    def corruptions(self) -> dict[str, tuple[float, ...]]:
+        """Additive white ``noise`` at an SNR of 20, 10 and 0 dB, and ``silence``: a quarter, half
+        or all of the clip zeroed (one stretch at a position drawn from the rng)."""
+        return {"noise": (20.0, 10.0, 0.0), "silence": (0.25, 0.5, 1.0)}
+
+    def corrupt(self, raw: AudioClip, kind: str, strength: float, rng: random.Random) -> AudioClip:
+        wave = raw.waveform.astype(np.float32, copy=True)
+        if kind == "noise":
+            power = float(np.mean(wave.astype(np.float64) ** 2))
+            sigma = math.sqrt(power / 10.0 ** (strength / 10.0))
+            wave += np.random.default_rng(rng.getrandbits(64)).normal(0.0, sigma, wave.shape).astype(np.float32)
+        elif kind == "silence":
+            n = wave.shape[0]
+            span = min(n, round(strength * n))
+            start = rng.randint(0, n - span)
+            wave[start : start + span] = 0.0
+        else:
+            raise ConfigError(f"audio corruption {kind!r} not known; use one of {', '.join(self.corruptions())}")
+        return AudioClip(wave, raw.sample_rate, raw.source)
 
 
 # The name before every built-in became XModality: model directories saved earlier record

@@ -33,6 +33,7 @@ tensor ``[H, W]`` or ``[H, W, 1]``.
 from __future__ import annotations
 
 import math
+import random
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -45,9 +46,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from oneencoder.errors import SampleError
+from oneencoder.errors import ConfigError, SampleError
 from oneencoder.features.inputs import tensor_to_numpy
-from oneencoder.modalities.image import DEFAULT_BACKBONE, ImageBackboneMixin
+from oneencoder.modalities.image import DEFAULT_BACKBONE, ImageBackboneMixin, occlusion_box
 from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
 from oneencoder.options import AT_LEAST_1, POSITIVE, Range, declare, option
 
@@ -423,3 +424,32 @@ class DepthModality(ImageBackboneMixin, Modality):
             }
         except Exception:  # a measurement must never fail a cache build
             return {k: float("nan") for k in keys}
+
+    # ----- corruptions of ``eval --robustness`` ----------------------------------------------
+    def corruptions(self) -> dict[str, tuple[float, ...]]:
+        """Sensor ``noise``: each depth multiplied by ``1 + sigma * N(0, 1)``, sigma 1, 3 or 10 %; and
+        ``occlusion``: a rectangle over 10, 25 or 50 % of the bounding box of the map's returns loses
+        them (depth 0, missing), placed as the image modality places its occluder."""
+        return {"noise": (0.01, 0.03, 0.1), "occlusion": (0.1, 0.25, 0.5)}
+
+    def corrupt(self, raw: DepthMap, kind: str, strength: float, rng: random.Random) -> DepthMap:
+        depth = raw.depth.copy()
+        if kind == "noise":
+            factor = 1.0 + strength * np.random.default_rng(rng.getrandbits(64)).standard_normal(depth.shape)
+            valid = depth > 0
+            # A return stays a return: noise never turns a pixel into "missing".
+            depth[valid] = np.maximum(depth[valid] * factor[valid], _MIN_NOISY_DEPTH).astype(np.float32)
+        elif kind == "occlusion" and strength > 0:
+            # Over the returns' bounding box, not the whole frame: an object render is mostly empty.
+            rows, cols = np.nonzero(depth > 0)
+            top, left = int(rows.min()), int(cols.min())
+            box = occlusion_box(int(cols.max()) - left + 1, int(rows.max()) - top + 1, strength, rng)
+            depth[top + box[1] : top + box[3], left + box[0] : left + box[2]] = 0.0
+            if not depth.any():  # a map needs one return: keep the first one it had
+                depth[rows[0], cols[0]] = raw.depth[rows[0], cols[0]]
+        elif kind != "occlusion":
+            raise ConfigError(f"depth corruption {kind!r} not known; use one of {', '.join(self.corruptions())}")
+        return DepthMap(depth, raw.source)
+
+
+_MIN_NOISY_DEPTH = 1e-3  # metres: the nearest a noisy return may come

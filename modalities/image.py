@@ -504,6 +504,16 @@ class ImageModality(Modality):
             "foreground_fraction": float(foreground.mean()),
         }
 
+    # ----- corruptions of ``eval --robustness`` ----------------------------------------------
+    def corruptions(self) -> dict[str, tuple[float, ...]]:
+        return dict(IMAGE_CORRUPTIONS)
+
+    def corrupt(self, raw: Image.Image, kind: str, strength: float, rng: random.Random) -> Image.Image:
+        """Gaussian ``blur`` (radius in pixels at the model's input size) or ``occlusion`` (a grey
+        rectangle over that share of the picture, at a position drawn from ``rng``), applied to the
+        picture as the backbone sees it (transparency composited on white)."""
+        return corrupted_image(_on_white(raw), kind, strength, rng, int(self.options["image_size"]))
+
 
 class ImageBackboneMixin:
     """For modalities whose frozen encoder is the image modality (``self._image``): depth maps,
@@ -589,3 +599,44 @@ def _colour_entropy(pixels: np.ndarray) -> float:
     counts = np.bincount(codes)
     p = counts[counts > 0] / pixels.shape[0]
     return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: one colour gives 0.0, not -0.0
+
+
+# ----- corruptions (``eval --robustness``), shared with depth maps and video frames ---------
+
+#: Kinds and strengths, mildest first: blur radius in pixels at the model's input size (a
+#: picture is padded to a square and resized to it, so the radius scales with its long side),
+#: and the share of the picture's area an occluding grey rectangle covers.
+IMAGE_CORRUPTIONS: dict[str, tuple[float, ...]] = {"blur": (1.0, 2.0, 4.0), "occlusion": (0.1, 0.25, 0.5)}
+OCCLUDER_GREY = (128, 128, 128)
+
+
+def occlusion_box(width: int, height: int, fraction: float, rng: random.Random) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` of a rectangle covering ``fraction`` of a ``width x height``
+    picture at a position drawn from ``rng``: a square where one fits, else as wide as the picture's
+    short side and long enough to cover the same area."""
+    area = max(0.0, min(1.0, fraction)) * width * height
+    side = math.sqrt(area)
+    if side <= min(width, height):
+        box_w = box_h = side
+    elif width <= height:
+        box_w, box_h = width, area / width
+    else:
+        box_w, box_h = area / height, height
+    box_w, box_h = min(width, max(1, round(box_w))), min(height, max(1, round(box_h)))
+    left, top = rng.randint(0, width - box_w), rng.randint(0, height - box_h)
+    return left, top, left + box_w, top + box_h
+
+
+def corrupted_image(img: Image.Image, kind: str, strength: float, rng: random.Random, image_size: int,
+                    box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """``img`` (RGB) under one of :data:`IMAGE_CORRUPTIONS`; a new image. ``box``: the occluder's
+    rectangle, when it was drawn already (the same one over every frame of a clip)."""
+    if kind == "blur":
+        radius = strength * max(img.size) / image_size
+        return img.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else img.copy()
+    if kind == "occlusion":
+        out = img.copy()
+        if strength > 0:
+            out.paste(OCCLUDER_GREY, box or occlusion_box(img.width, img.height, strength, rng))
+        return out
+    raise ConfigError(f"image corruption {kind!r} not known; use one of {', '.join(IMAGE_CORRUPTIONS)}")

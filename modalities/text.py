@@ -246,6 +246,19 @@ class TextModality(Modality):
             n_tokens = len(self.tokenizer(raw, truncation=True, max_length=limit)["input_ids"])
         return {"n_words": float(len(raw.split())), "n_chars": float(len(raw)), "n_tokens": float(n_tokens)}
 
+    # ----- corruptions of ``eval --robustness`` ----------------------------------------------
+    def corruptions(self) -> dict[str, tuple[float, ...]]:
+        """Word ``dropout``: each word left out with probability 0.1, 0.3 or 0.5."""
+        return {"dropout": (0.1, 0.3, 0.5)}
+
+    def corrupt(self, raw: str, kind: str, strength: float, rng: random.Random) -> str:
+        """The caption with words dropped; one word (drawn from ``rng``) stays when all would go."""
+        if kind != "dropout":
+            raise ConfigError(f"text corruption {kind!r} not known; use dropout")
+        words = raw.split()
+        kept = [w for w in words if rng.random() >= strength]
+        return " ".join(kept) if kept else rng.choice(words)
+
 
 # The name before every built-in became XModality: model directories saved earlier record
 # "oneencoder.modalities.text:Text", which must keep loading.

@@ -48,7 +48,8 @@ summary token a sentence-space slice (:meth:`language_slice`), which ``language_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,7 +61,8 @@ from torch import nn
 from oneencoder.deps import require
 from oneencoder.errors import ConfigError, SampleError
 from oneencoder.features.inputs import tensor_to_numpy
-from oneencoder.modalities.image import ImageBackboneMixin, standard_mode
+from oneencoder.modalities.image import (IMAGE_CORRUPTIONS, ImageBackboneMixin, corrupted_image, occlusion_box,
+                                        standard_mode)
 from oneencoder.modality import Modality, ModalitySpec, create_modality, register_modality
 from oneencoder.options import AT_LEAST_1, NON_NEGATIVE, declare, option
 
@@ -367,6 +369,26 @@ class VideoModality(ImageBackboneMixin, Modality):
         except Exception:  # measurements must never reject a sample that encoded fine
             pass
         return out
+
+    # ----- corruptions of ``eval --robustness`` ----------------------------------------------
+    def corruptions(self) -> dict[str, tuple[float, ...]]:
+        """The image corruptions on every sampled frame, the same in each (one blur radius, one
+        occluder rectangle), and ``frame_drop``: 25, 50 or 75 % of the sampled frames left out (at
+        least one stays), as a stuttering stream would lose them."""
+        return {**IMAGE_CORRUPTIONS, "frame_drop": (0.25, 0.5, 0.75)}
+
+    def corrupt(self, raw: VideoClip, kind: str, strength: float, rng: random.Random) -> VideoClip:
+        if kind == "frame_drop":
+            n = len(raw.frames)
+            keep = sorted(rng.sample(range(n), max(1, n - round(strength * n))))
+            return replace(raw, frames=[raw.frames[i] for i in keep], indices=[raw.indices[i] for i in keep])
+        if kind not in IMAGE_CORRUPTIONS:
+            raise ConfigError(f"video corruption {kind!r} not known; use one of {', '.join(self.corruptions())}")
+        height, width = raw.frames[0].shape[:2]
+        box = occlusion_box(width, height, strength, rng) if kind == "occlusion" else None
+        size = int(self._image.options["image_size"])
+        frames = [np.asarray(corrupted_image(Image.fromarray(f), kind, strength, rng, size, box)) for f in raw.frames]
+        return replace(raw, frames=frames)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -199,6 +199,19 @@ class Modality(ABC):
         returns a new raw input for :meth:`preprocess` and leaves ``raw`` unchanged."""
         raise NotImplementedError(f"modality {self.spec.name!r} offers no augmented views")
 
+    # ----- optional: corruptions (``eval --robustness``) ---------------------------------
+    def corruptions(self) -> dict[str, tuple[float, ...]]:
+        """Kinds of corruption :meth:`corrupt` applies, each with its strengths listed from the
+        mildest to the strongest (e.g. ``{"noise": (20.0, 10.0, 0.0)}``: SNR in dB). Empty (the
+        default): ``eval --robustness`` leaves this modality's queries clean."""
+        return {}
+
+    def corrupt(self, raw: Any, kind: str, strength: float, rng: random.Random) -> Any:
+        """A corrupted copy of a loaded input (one of :meth:`corruptions`' kinds, at ``strength``),
+        drawn with ``rng`` only, so it is reproducible; returns a new raw input for :meth:`preprocess`
+        and leaves ``raw`` unchanged. It must not fail on an input :meth:`load` accepted."""
+        raise NotImplementedError(f"modality {self.spec.name!r} offers no corruptions")
+
     def depict(self, value: Any) -> str | None:
         """A picture of one input, as the manifest gives it, for a results page: an SVG string, or
         None (the default: the page shows the input as text, or serves its file).
