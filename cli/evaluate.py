@@ -11,6 +11,7 @@ import typer
 from oneencoder.apps.captions import evaluate_captions
 from oneencoder.errors import OneEncoderError
 from oneencoder.generation.captioner import load_captioner
+from oneencoder.evaluation.calibration import stored_calibrations
 from oneencoder.evaluation.retrieval import evaluate_samples
 from oneencoder.evaluation.robustness import corruptible, evaluate_robustness, format_robustness
 from oneencoder.fileio import ensure_writable, write_json_atomic
@@ -65,7 +66,8 @@ def evaluate(
     chosen = corruptible(prepared.modalities, robustness_modalities) if robustness else None  # checked first
     prepared.build_caches(log=note)
     captioner = load_captioner(model) if generate else None  # no decoder: say so before the retrieval work
-    results = evaluate_samples(prepared.model, prepared.modalities, prepared.records, prepared.cache_dir, split)
+    results = evaluate_samples(prepared.model, prepared.modalities, prepared.records, prepared.cache_dir, split,
+                               calibration=stored_calibrations(prepared.meta))  # its precision on this split
     if generate:
         results["generation"] = evaluate_captions(prepared_model(prepared, "auto"), prepared.records,
                                                   prepared.cache_dir, split, captioner=captioner)

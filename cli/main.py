@@ -16,6 +16,7 @@ from . import cache, curriculum, data, export, index, runs
 from ._common import set_debug, user_errors as with_user_errors
 from .add_modality import add_modality
 from .caption import caption, train_decoder
+from .calibrate import calibrate
 from .classify import classify
 from .demo import demo
 from .demo_all import demo_all
@@ -80,6 +81,7 @@ app.command("train")(train)
 app.command("train-decoder")(train_decoder)
 app.command("caption")(caption)
 app.command("eval")(evaluate)
+app.command("calibrate")(calibrate)
 app.command("embed")(embed)
 app.command("info")(info)
 app.command("search")(search)

@@ -12,6 +12,7 @@ import oneencoder
 from oneencoder.apps.api import OneEncoder
 from oneencoder.apps.index import VectorIndex, load_index
 from oneencoder.errors import OneEncoderError
+from oneencoder.evaluation.calibration import MatchCalibration
 from oneencoder.evaluation.metrics import format_number
 from oneencoder.features.inputs import modality_of_file
 
@@ -78,6 +79,28 @@ def _model_of(indexes: List[Path]) -> Path:
     return Path(recorded)
 
 
+def _calibration_facts(calibration: MatchCalibration | None) -> dict[str, Any] | None:
+    """What a reader of ``match_probability`` needs: where it was fitted and the threshold it implies."""
+    if calibration is None:
+        return None
+    return {"fitted_on": f"validation split of stage {calibration.stage}" if calibration.stage
+            else "validation split (oneencoder calibrate)", "threshold": calibration.threshold,
+            "val_precision": calibration.val_precision, "rule": calibration.rule,
+            "matches_per_query": calibration.n_val_positives / calibration.n_val_queries}
+
+
+def _probability_notes(m: OneEncoder, modality: str, composed: bool, indexes: List[VectorIndex],
+                       calibrations: list[MatchCalibration | None]) -> list[str]:
+    """Why some hits have ``match_probability`` null (a composed query, or no stored calibration)."""
+    if composed:
+        return ["match_probability is null: a composed query has no calibration (each is fitted for one "
+                "query modality against one gallery modality)."]
+    missing = sorted({ix.modality for ix, cal in zip(indexes, calibrations) if cal is None})
+    return [f"match_probability is null for {modality}→{g}: {m.model_dir} stores no calibration of that "
+            "direction (fitted on validation when a stage trains it; `oneencoder calibrate` fits one for an "
+            "existing model)." for g in missing]
+
+
 @user_errors
 def search(
     index: List[Path] = typer.Option(..., "--index", "-i", help="Index directory (repeatable)."),
@@ -115,17 +138,23 @@ def search(
         query = m.compose([(p[0], p[1], p[2]) for p in parts])
         modality = "+".join(dict.fromkeys(p[0] for p in parts))
         shown = " + ".join(f"{p[2]:g}·{p[0]}:{p[3]}" for p in parts)
-    results = [(path, ix, ix.search(query, k).hits[0]) for path, ix in zip(index, indexes)]
+    # A composed query has no direction of its own, so no calibration applies to it.
+    calibrations = [None if len(parts) > 1 else m.match_calibration(modality, ix.modality) for ix in indexes]
+    results = [(path, ix, ix.search(query, k).with_match_probability(cal and cal.in_gallery(len(ix))).hits[0], cal)
+               for path, ix, cal in zip(index, indexes, calibrations)]
     if as_json:
+        notes = _probability_notes(m, modality, len(parts) > 1, indexes, calibrations)
         echo(strict_json({"query": {"modality": modality, "input": shown,
                                     **({"parts": [{"modality": p[0], "input": p[3], "weight": p[2]} for p in parts]}
                                        if len(parts) > 1 else {})},
                           "model": str(m.model_dir),
+                          **({"note": " ".join(notes)} if notes else {}),
                           "results": [{"index": str(path), "modality": ix.modality, "kind": ix.kind,
-                                       "count": len(ix), "hits": hits} for path, ix, hits in results]}))
+                                       "count": len(ix), "match_calibration": _calibration_facts(cal),
+                                       "hits": hits} for path, ix, hits, cal in results]}))
         return
     echo(f"{modality} query: {shown}")
-    for path, ix, hits in results:
+    for path, ix, hits, _ in results:
         echo(f"{path} ({ix.modality}, {len(ix)} vectors, {ix.kind}):")
         for h in hits:  # rank, score and id are the index's own; the user's fields are under "item"
             item = h["item"]

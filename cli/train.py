@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from oneencoder.evaluation.calibration import format_gap_table
 from oneencoder.evaluation.metrics import format_table
 from oneencoder.features.workers import default_workers
 from oneencoder.runtime import pick_device
@@ -32,9 +33,10 @@ def print_results(test: dict) -> None:
         shown += "; under each row, the 95 % bootstrap interval over queries"
     echo(f"held-out {test['split']} split ({shown}):")
     echo(_table(test["directions"]))
-    gaps = [f"{d} {r['gap']['centroid_distance']:.3f}" for d, r in test["directions"].items() if "gap" in r]
-    if gaps:
-        echo("modality gap (distance between the centres of query and gallery embeddings): " + ", ".join(gaps))
+    if any("gap" in r for r in test["directions"].values()):
+        echo(f"\nmodality gap (cosines) and match threshold (fitted on validation; precision on {test['split']}, "
+             "validation's prediction in brackets):")
+        echo(format_gap_table(test["directions"]))
     for subset, directions in test.get("subsets", {}).items():
         echo(f"\n{test['split']} subset held out by {subset}:")
         echo(_table(directions))

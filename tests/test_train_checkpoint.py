@@ -15,7 +15,7 @@ from torch import nn
 import oneencoder
 from oneencoder.errors import ChecksumError, OneEncoderError
 from oneencoder.features.cache import FeatureCache, cache_dir_for
-from oneencoder.model.checkpoint import META, PROJECTION, adapter_file, load_model, read_meta, save_model
+from oneencoder.model.checkpoint import MEANS, META, PROJECTION, adapter_file, load_model, read_meta, save_model
 from oneencoder.training.config import TrainConfig
 from oneencoder.training.curriculum import RandomBatchSampler
 from oneencoder.training.stage import run_stage
@@ -161,7 +161,7 @@ def test_same_seed_gives_byte_identical_models(small_manifest, small_cache, make
     a = run_stage(config, tmp_path / "a", progress=False)
     b = run_stage(config, tmp_path / "b", progress=False)
     fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert set(fa) == {PROJECTION, adapter_file("image"), adapter_file("text")}
+    assert set(fa) == {PROJECTION, adapter_file("image"), adapter_file("text"), MEANS}  # means: fitted on val
     assert fa == fb
     assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
     # A different seed gives a different model.
@@ -222,7 +222,7 @@ def test_meta_has_sha256_for_every_file(trained_model, small_records) -> None:
     meta = read_meta(model_dir)
     weights = {str(p.relative_to(model_dir)) for p in model_dir.rglob("*")
                if p.is_file() and p.name not in (META, "README.md") and "runs" not in p.relative_to(model_dir).parts}
-    assert set(meta["files"]) == weights == {PROJECTION, adapter_file("image"), adapter_file("text")}
+    assert set(meta["files"]) == weights == {PROJECTION, adapter_file("image"), adapter_file("text"), MEANS}
     for rel, digest in meta["files"].items():
         assert digest == hashlib.sha256((model_dir / rel).read_bytes()).hexdigest()
     assert meta["d_model"] == trained_model["config"].model.d_model
@@ -242,7 +242,8 @@ def test_save_load_round_trip(trained_model, tmp_path: Path) -> None:
     again, meta2 = load_model(tmp_path / "copy")
     sa, sb = model.state_dict(), again.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert meta2["files"] == meta["files"]  # identical bytes, identical checksums
+    # Identical bytes, identical checksums (the means are fitted when a stage ends, not saved with weights).
+    assert meta2["files"] == {rel: d for rel, d in meta["files"].items() if rel != MEANS}
     assert meta2["modalities"] == meta["modalities"]
 
 

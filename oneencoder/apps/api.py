@@ -11,13 +11,15 @@ import numpy as np
 import torch
 
 from ..errors import OneEncoderError, SampleError
+from ..evaluation.calibration import MatchCalibration, stored_calibration
 from ..features.inputs import as_batch
+from ..features.runtime import check_runtime, runtime_home, with_runtime
 from ..generation.captioner import Captioner, load_captioner
 from ..modality import Modality
-from ..model.checkpoint import load_model, modality_from_meta
+from ..model.checkpoint import load_model, modality_from_meta, read_means
 from ..progress import progress_bar
 from ..runtime import pick_device
-from .index import VectorIndex, model_space
+from .index import SearchResult, VectorIndex, model_space
 from .zeroshot import Classification, classify
 
 if TYPE_CHECKING:
@@ -52,14 +54,24 @@ class OneEncoder:
     Backbones load lazily, the first time a modality is encoded.
     """
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None) -> None:
+    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None, runtime: str = "torch",
+                 precision: str = "fp32") -> None:
         self.model_dir = Path(model_dir)
         self.device = pick_device("auto" if device is None else str(device))
+        self._set_runtime(runtime, precision)
         self.model, self.meta = load_model(self.model_dir)
         self.model.to(self.device).eval()
         self._modalities: dict[str, Modality] = {}
         self._backbones: dict[str, torch.nn.Module] = {}
         self._captioner: Captioner | None = None
+        self._means: dict[str, torch.Tensor] | None = None
+
+    def _set_runtime(self, runtime: str, precision: str) -> None:
+        check_runtime(runtime, precision)
+        self.runtime, self.precision = runtime, precision
+        self._runners: dict[str, torch.nn.Module] = {}
+        #: One line per note of the backbone runtimes: the path each modality runs on, its parity.
+        self.runtime_notes: list[str] = []
 
     @classmethod
     def from_loaded(cls, model_dir: str | Path, model: OneEncoderModel, meta: dict[str, Any],
@@ -72,7 +84,9 @@ class OneEncoder:
         self.device = pick_device("auto" if device is None else str(device))
         self.model.to(self.device).eval()
         self._modalities, self._backbones = dict(modalities or {}), {}
+        self._set_runtime("torch", "fp32")
         self._captioner = None
+        self._means = None
         return self
 
     @property
@@ -91,6 +105,13 @@ class OneEncoder:
         if name not in self._backbones:
             self._backbones[name] = self.modality(name).load_backbone().to(self.device)
         return self._backbones[name]
+
+    def _runner(self, name: str) -> torch.nn.Module:
+        """The backbone on this model's runtime (:mod:`oneencoder.features.runtime`), made once."""
+        if name not in self._runners:
+            self._runners[name] = with_runtime(self.modality(name), self._backbone(name), self.runtime,
+                                               self.precision, runtime_home(), self.runtime_notes.append)
+        return self._runners[name]
 
     @torch.no_grad()
     def encode_features(self, modality: str, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,7 +165,7 @@ class OneEncoder:
                     parts.append(self.encode_features(modality, *cache.tokens([sid for _, sid in found])))
                     where += [i for i, _ in found]
                 if prepared:
-                    parts.append(self.encode_features(modality, *m.featurize(self._backbone(modality), prepared)))
+                    parts.append(self.encode_features(modality, *m.featurize(self._runner(modality), prepared)))
                     where += fresh
                 if cache is not None:
                     cache.hits += len(found)
@@ -289,6 +310,54 @@ class OneEncoder:
         return self._captioner.describe(emb, n=n, beam=beam, sample=sample, temperature=temperature, top_p=top_p,
                                         seed=seed, projection=projection)
 
+    def match_calibration(self, query: str, gallery: str) -> MatchCalibration | None:
+        """The calibration of ``query → gallery`` cosines fitted on validation when the model was
+        trained (``match_calibration`` in ``oneencoder.json``), or None if the model stores none."""
+        return stored_calibration(self.meta, query, gallery)
+
+    def match_probability(self, query: str, gallery: str, cosines: Any,
+                          n_gallery: int | None = None) -> np.ndarray | None:
+        """Calibrated probability that ``query``-modality inputs match ``gallery`` items at these
+        cosines (numpy, same shape), or None when the model stores no calibration of that direction.
+
+        Args:
+            n_gallery: Items the cosines were ranked among (an index's size): the bigger, the less
+                likely any one is the match. None: as many as the validation gallery held.
+        """
+        calibration = self.match_calibration(query, gallery)
+        if calibration is None:
+            return None
+        return calibration.probability(cosines) if n_gallery is None else calibration.in_gallery(n_gallery)(cosines)
+
+    def modality_mean(self, name: str) -> torch.Tensor:
+        """The mean embedding ``[d]`` of a modality over the validation samples of the stage that trained it.
+
+        Raises:
+            OneEncoderError: The model holds no such modality, or stores no mean of it (older models:
+                ``oneencoder calibrate`` adds them).
+        """
+        self.modality(name)
+        if self._means is None:
+            self._means = read_means(self.model_dir, self.meta)
+        if name not in self._means:
+            raise OneEncoderError(f"{self.model_dir} stores no mean of {name!r}; run `oneencoder calibrate "
+                                  f"--model {self.model_dir} --manifest M` to fit one on validation")
+        return self._means[name].clone()
+
+    def search(self, index: VectorIndex, modality: str, inputs: Any, k: int = 10,
+               batch_size: int = 32) -> SearchResult:
+        """Embed ``inputs`` of ``modality`` and search ``index``; each hit carries its calibrated
+        ``match_probability`` (None when the model stores no calibration of ``modality → index.modality``).
+
+        Example:
+            >>> idx = m.index("image", paths)
+            >>> m.search(idx, "text", ["A badger."], k=3).hits[0][0]["match_probability"]
+        """
+        index.check_model(self.meta, self.model_dir)
+        result = index.search(self.encode(modality, inputs, batch_size=batch_size, progress=False), k)
+        calibration = self.match_calibration(modality, index.modality)
+        return result.with_match_probability(None if calibration is None else calibration.in_gallery(len(index)))
+
     @staticmethod
     def similarity(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Cosine similarity matrix ``[len(a), len(b)]`` of two sets of embeddings (as :meth:`encode`
@@ -301,10 +370,19 @@ class OneEncoder:
         return f"OneEncoder({str(self.model_dir)!r}, modalities={self.modalities}, d={self.model.embed_dim})"
 
 
-def load(model_dir: str | Path, device: str | torch.device | None = None) -> OneEncoder:
+def load(model_dir: str | Path, device: str | torch.device | None = None, runtime: str = "torch",
+         precision: str = "fp32") -> OneEncoder:
     """Load a model directory after verifying every file's checksum.
 
+    Args:
+        runtime: Where the frozen backbones run: ``"torch"``, ``"onnx"`` (onnxruntime; the graph is
+            exported once per backbone to ``$ONEENCODER_HOME/runtime``) or ``"auto"`` (the fastest
+            path on this machine whose features match fp32 PyTorch to cosine 0.9999, measured on the
+            first batch and remembered); see :mod:`oneencoder.features.runtime`.
+        precision: ``"fp32"`` or ``"bf16"`` (PyTorch autocast; never chosen by ``auto``).
+
     Raises:
-        ConfigError: ``device`` is not one this machine has (e.g. ``"cuda"`` without a GPU).
+        ConfigError: ``device`` is not one this machine has (e.g. ``"cuda"`` without a GPU), or
+            ``runtime``/``precision`` is not one of the above.
     """
-    return OneEncoder(model_dir, device)
+    return OneEncoder(model_dir, device, runtime, precision)

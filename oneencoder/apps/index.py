@@ -277,12 +277,26 @@ class SearchResult:
         hits: Per query, best first: ``{"rank", "score", "row", "id", "item"}``. ``rank`` (from 1),
             ``score`` (the cosine), ``row`` and ``id`` are the index's own; ``item`` is a copy of
             the indexed item (``id``, ``input`` and the manifest's display fields), so a user
-            column named ``score`` or ``rank`` never stands in for the real one.
+            column named ``score`` or ``rank`` never stands in for the real one. After
+            :meth:`with_match_probability`, each hit also holds ``match_probability``.
+        match_probability: ``[Q, k]`` calibrated probability that each hit matches its query,
+            or None (not asked for, or the model stores no calibration of the direction).
     """
 
     scores: np.ndarray
     rows: np.ndarray
     hits: list[list[dict[str, Any]]]
+    match_probability: np.ndarray | None = None
+
+    def with_match_probability(self, probability: Callable[[np.ndarray], np.ndarray] | None) -> "SearchResult":
+        """Give every hit its ``match_probability``: ``probability(cosines)``, or None for each hit
+        when there is no calibration (never a made-up number)."""
+        p = None if probability is None else np.asarray(probability(self.scores), dtype=np.float64)
+        for q, hits in enumerate(self.hits):
+            for j, hit in enumerate(hits):
+                hit["match_probability"] = None if p is None else float(p[q, j])
+        self.match_probability = p
+        return self
 
 
 class VectorIndex:

@@ -6,6 +6,7 @@
       oneencoder.json              format, projection config, modalities, stage history, sha256 per file
       projection.safetensors       Universal Projection
       adapters/<modality>.safetensors   adapter + modality token
+      means.safetensors            per-modality mean embedding on validation (written after each stage)
 
 No pickle anywhere. A stage writes only the files it trained; the others stay byte-identical.
 """
@@ -33,6 +34,11 @@ from .transaction import commit, recover, visible_path
 FORMAT_VERSION = 1
 META = "oneencoder.json"
 PROJECTION = "projection.safetensors"
+MEANS = "means.safetensors"
+#: Keys of ``oneencoder.json``: per direction (``"audio→image"``), the match calibration fitted on
+#: validation (:mod:`oneencoder.evaluation.calibration`); per modality, what its stored mean is.
+MATCH_CALIBRATION = "match_calibration"
+MEANS_KEY = "means"
 
 
 def adapter_file(name: str) -> str:
@@ -187,6 +193,7 @@ def save_model(
         "stages": [],
         "files": {},
     }
+    _drop_stale_fits(meta, write)
     if "projection" in write:
         # A new projection invalidates every adapter trained against the old one.
         stale = [n for n in meta["modalities"] if n not in write]
@@ -206,6 +213,71 @@ def save_model(
                                     "language_source": model.prior.sources[name]}
     stages = [s for s in meta["stages"] if s.get("name") != stage_entry.get("name")]
     meta["stages"] = stages + [{**stage_entry, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+    writers[META] = _meta_writer(meta)
+    commit(model_dir, writers)
+    return meta
+
+
+def _drop_stale_fits(meta: dict[str, Any], write: list[str]) -> None:
+    """Forget the calibrations and means that read a part being rewritten (all of them for a new
+    projection): the stage that rewrites it fits them again when it ends."""
+    every = "projection" in write
+    stale = lambda names: every or any(n in write for n in names)  # noqa: E731
+    if isinstance(meta.get(MATCH_CALIBRATION), dict):
+        meta[MATCH_CALIBRATION] = {d: c for d, c in meta[MATCH_CALIBRATION].items() if not stale(d.split("→"))}
+    if isinstance(meta.get(MEANS_KEY), dict):
+        meta[MEANS_KEY] = {n: info for n, info in meta[MEANS_KEY].items() if not stale([n])}
+        if not meta[MEANS_KEY]:
+            del meta[MEANS_KEY]
+            meta["files"].pop(MEANS, None)
+
+
+def _table_of(meta: dict[str, Any], key: str) -> dict[str, Any]:
+    """``meta[key]`` when it is an object; anything else (absent, or edited by hand) counts as empty."""
+    value = meta.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def read_means(model_dir: str | Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The mean embedding of each modality the model records one for (float32 ``[d]``), read from
+    ``means.safetensors`` after checking its sha256; ``{}`` for a model that stores none."""
+    names = meta.get(MEANS_KEY)
+    if not isinstance(names, dict) or MEANS not in meta["files"]:
+        return {}
+    path = visible_path(model_dir, MEANS)
+    if not path.is_file() or sha256_file(path) != meta["files"][MEANS]:
+        raise ChecksumError(f"{path} is missing or does not match its sha256 in {META}; restore the model directory")
+    try:
+        stored = load_file(str(path))
+    except SafetensorError as e:
+        raise ChecksumError(f"{path} is not a valid safetensors file ({e})") from None
+    return {n: stored[n].float() for n in names if n in stored}
+
+
+def save_fits(model_dir: str | Path, calibration: dict[str, dict[str, Any]], means: dict[str, torch.Tensor],
+              means_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Record match calibrations (by direction) and per-modality means, all visible at once.
+
+    Entries of the same direction or modality are replaced; the others are kept.
+
+    Args:
+        calibration: Direction -> its stored calibration (a JSON object).
+        means: Modality -> mean embedding ``[d]``, written to ``means.safetensors`` (checksummed).
+        means_info: Modality -> what ``meta["means"]`` records about its mean (split, count, stage).
+    """
+    model_dir = Path(model_dir)
+    recover(model_dir)
+    meta = read_meta(model_dir)
+    stored = read_means(model_dir, meta)
+    writers: dict[str, Callable[[Path], None]] = {}
+    if calibration:
+        meta[MATCH_CALIBRATION] = {**_table_of(meta, MATCH_CALIBRATION), **calibration}
+    if means:
+        stored.update({n: v.detach().float().cpu().contiguous() for n, v in means.items()})
+        meta[MEANS_KEY] = {**{n: i for n, i in _table_of(meta, MEANS_KEY).items() if n in stored}, **means_info}
+        data = save_bytes({n: stored[n] for n in meta[MEANS_KEY]}, metadata={"format": "oneencoder-means"})
+        writers[MEANS] = _bytes_writer(data)
+        meta["files"][MEANS] = hashlib.sha256(data).hexdigest()
     writers[META] = _meta_writer(meta)
     commit(model_dir, writers)
     return meta

@@ -22,6 +22,7 @@ from ..errors import ConfigError, OneEncoderError
 from ..evaluation.metrics import small_split_warning
 from ..evaluation.model_card import write_model_card
 from ..evaluation.retrieval import embed_bank, evaluate_samples
+from ..evaluation.validation_fit import fit_on_validation
 from ..features.cache import cache_dir_for
 from ..fileio import sha256_file, write_json_atomic
 from ..modality import Modality
@@ -292,11 +293,17 @@ def _test(config: StageConfig, model_dir: Path, run_dir: Path, modalities: dict[
             safe_name(name, f"{model_dir / META}: modality")
         evaluated.update({n: m for n, m in others.items()
                           if (cache_dir_for(config.data.cache_dir, n) / "data.mdb").exists()})
-    test = evaluate_samples(best, evaluated, records, config.data.cache_dir, "test")
+    # Match calibration and means, fitted on validation; the test below checks the calibration.
+    fitted = fit_on_validation(best, evaluated, records, config.data.cache_dir, stage=config.name,
+                               trained=config.trainable)
+    test = evaluate_samples(best, evaluated, records, config.data.cache_dir, "test", calibration=fitted.calibration)
     summary = {"stage": config.name, "pair": list(config.modalities), "best_epoch": fit.best_epoch,
                "epochs_run": fit.epochs_run, "steps": fit.steps, "train_seconds": round(fit.seconds, 1), "test": test}
     write_json_atomic(run_dir / "test.json", summary)
     _record_test_metrics(model_dir, meta, config.name, test, fit.best_epoch)
+    fitted.save(model_dir)  # after the record above, which writes oneencoder.json whole
+    if anchor is not None and (warning := fitted.near_chance(config.trainable[0], anchor)):
+        status(warning)
     write_model_card(model_dir)  # README.md: what the model now is, trained on what, how well
     return summary
 
