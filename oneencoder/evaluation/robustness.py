@@ -39,7 +39,7 @@ from ..modality import Modality
 from ..model.parts import OneEncoderModel
 from ..progress import progress_bar
 from .metrics import format_number
-from .retrieval import embed_bank, retrieval_between
+from .retrieval import _first_of_each_group, embed_bank, retrieval_between
 
 #: Metrics reported per row, each with its change from clean.
 KEYS = ("R@1", "R@5", "R@10", "MRR")
@@ -161,6 +161,8 @@ def _corrupted_rows(model: OneEncoderModel, modalities: dict[str, Modality], emb
     modality = modalities[name]
     emb_q, groups_q, ids_q = embedded[name]
     keep = _limited(ids_q, limit)
+    if modality.spec.dedupe_in_eval:  # identical inputs count once: encode only the one that counts
+        keep = [keep[i] for i in _first_of_each_group([groups_q[i] for i in keep])]
     emb_q, groups_q, ids_q = emb_q[keep], [groups_q[i] for i in keep], [ids_q[i] for i in keep]
     targets = [b for b in embedded if b != name and set(groups_q) & set(embedded[b][1])]
     if not targets:
