@@ -33,13 +33,11 @@ import torch.nn.functional as F
 
 from ..data.manifest import CAPTION_FIELD
 from ..errors import OneEncoderError, SampleError
-from ..features.bank import FeatureBank
-from ..features.cache import FeatureCache, cache_dir_for
 from ..modality import Modality
 from ..model.parts import OneEncoderModel
 from ..progress import progress_bar
 from .metrics import format_number
-from .retrieval import _first_of_each_group, embed_bank, retrieval_between
+from .retrieval import _first_of_each_group, embed_split, retrieval_between
 
 #: Metrics reported per row, each with its change from clean.
 KEYS = ("R@1", "R@5", "R@10", "MRR")
@@ -72,21 +70,6 @@ def corruptible(modalities: dict[str, Modality], names: str | None = None) -> li
     if not chosen:
         raise OneEncoderError(f"--robustness-modalities is empty; choose from {', '.join(offered) or 'none'}")
     return chosen
-
-
-def _clean(model: OneEncoderModel, modalities: dict[str, Modality], rows: list[dict], cache_root: str | Path,
-           batch_size: int) -> dict[str, _Embedded]:
-    """Every modality's cached test samples, embedded (as plain ``eval`` embeds them)."""
-    out: dict[str, _Embedded] = {}
-    for name, modality in modalities.items():
-        with FeatureCache(cache_dir_for(cache_root, name), modality.fingerprint(), readonly=True) as cache:
-            have = cache.ids()
-            kept = [r for r in rows if r["id"] in have]
-            if kept:
-                bank = FeatureBank.from_cache(cache, [r["id"] for r in kept])
-                out[name] = (embed_bank(model, name, bank, batch_size), [r.get("group", r["id"]) for r in kept],
-                             [r["id"] for r in kept])
-    return out
 
 
 def _limited(ids: list[str], limit: int | None) -> list[int]:
@@ -256,7 +239,7 @@ def evaluate_robustness(
     if not rows:
         raise OneEncoderError(f"the manifest has no {split!r} samples")
     chosen = list(only) if only is not None else corruptible(modalities)
-    embedded = _clean(model, modalities, rows, cache_root, 256)
+    embedded = embed_split(model, modalities, records, cache_root, split)  # as plain eval embeds them
     by_id = {r["id"]: r for r in rows}
     corrupted: list[dict[str, Any]] = []
     for name in chosen:
