@@ -16,6 +16,7 @@ at half of it each.
 
 Usage:
     .venv/bin/python benchmarks/bench_train.py            # both stages, plus dropout off
+    .venv/bin/python benchmarks/bench_train.py --variants "as shipped,dropout off,adapter only,projection only"
     .venv/bin/python benchmarks/bench_train.py --ddp      # also 1 vs 2 processes
     .venv/bin/python benchmarks/bench_train.py --device cuda
 """
@@ -71,12 +72,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _stage_parts(kind: str, batch: int, steps: int, dropout: float | None, device: torch.device, seed: int = 0):
+#: Dropout variants: (the UP's ``[model] dropout``, the adapters' ``[adapter] dropout``); None keeps the stage's.
+VARIANTS = {"as shipped": (None, None), "dropout off": (0.0, 0.0),
+            "adapter only": (0.0, None), "projection only": (None, 0.0)}
+
+
+def _stage_parts(kind: str, batch: int, steps: int, dropout: tuple[float | None, float | None],
+                 device: torch.device, seed: int = 0):
     config = load_stage("image_text")
     train = replace(config.train, batch_size=batch, epochs=1, warmup_steps=1, device=str(device), log_every=10**9)
     model_cfg, adapter_cfg = config.model, config.adapter
-    if dropout is not None:
-        model_cfg, adapter_cfg = replace(model_cfg, dropout=dropout), replace(adapter_cfg, dropout=dropout)
+    if dropout[0] is not None:
+        model_cfg = replace(model_cfg, dropout=dropout[0])
+    if dropout[1] is not None:
+        adapter_cfg = replace(adapter_cfg, dropout=dropout[1])
     facts = {n: {"feature_dim": d, "max_tokens": t, "language_slice": s} for n, (d, t, s) in SHAPES[kind].items()}
     torch.manual_seed(seed)
     model = build_model(model_cfg, facts, {n: adapter_cfg for n in facts})
@@ -88,7 +97,7 @@ def _stage_parts(kind: str, batch: int, steps: int, dropout: float | None, devic
     return train, objective, RandomBatchSampler(n, batch, seed)
 
 
-def step_flops(kind: str, batch: int, dropout: float | None, device: torch.device) -> float:
+def step_flops(kind: str, batch: int, dropout: tuple[float | None, float | None], device: torch.device) -> float:
     """FLOPs of one optimizer step (forward + backward) as torch counts them."""
     train, objective, sampler = _stage_parts(kind, batch, 1, dropout, device)
     with FlopCounterMode(display=False) as counter:
@@ -97,7 +106,8 @@ def step_flops(kind: str, batch: int, dropout: float | None, device: torch.devic
     return float(counter.get_total_flops())
 
 
-def steps_per_second(kind: str, batch: int, steps: int, dropout: float | None, device: torch.device) -> float:
+def steps_per_second(kind: str, batch: int, steps: int, dropout: tuple[float | None, float | None],
+                     device: torch.device) -> float:
     """Optimizer steps per second of the real Trainer (one epoch; validation is a no-op)."""
     train, objective, sampler = _stage_parts(kind, batch, steps, dropout, device)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -109,20 +119,21 @@ def steps_per_second(kind: str, batch: int, steps: int, dropout: float | None, d
     return sampler.steps_per_epoch / seconds
 
 
-def roofline(batch: int, steps: int, device: torch.device) -> list[dict]:
+def roofline(batch: int, steps: int, device: torch.device, variants: list[str]) -> list[dict]:
     rate = gemm_rate(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"GEMM ({'bf16' if device.type == 'cuda' else 'fp32'}, {where}): {rate / 1e9:.1f} GFLOP/s")
     rows = []
     for kind in ("pooled", "tokens"):
-        for dropout, label in ((None, "as shipped"), (0.0, "dropout off")):
+        for label in variants:
+            dropout = VARIANTS[label]
             flops = step_flops(kind, batch, dropout, device)
             sps = steps_per_second(kind, batch, steps, dropout, device)
             rows.append({"stage": kind, "variant": label, "gflop_per_step": flops / 1e9, "steps_per_s": sps,
                          "gflops": flops * sps / 1e9, "fraction_of_gemm": flops * sps / rate})
-    print(f"\n{'stage':8} {'variant':12} {'GFLOP/step':>10} {'steps/s':>8} {'GFLOP/s':>8} {'of GEMM':>8}")
+    print(f"\n{'stage':8} {'variant':15} {'GFLOP/step':>10} {'steps/s':>8} {'GFLOP/s':>8} {'of GEMM':>8}")
     for r in rows:
-        print(f"{r['stage']:8} {r['variant']:12} {r['gflop_per_step']:10.2f} {r['steps_per_s']:8.2f} "
+        print(f"{r['stage']:8} {r['variant']:15} {r['gflop_per_step']:10.2f} {r['steps_per_s']:8.2f} "
               f"{r['gflops']:8.1f} {r['fraction_of_gemm']:8.1%}")
     return rows
 
@@ -132,7 +143,7 @@ def _worker(args: argparse.Namespace) -> None:
     from oneencoder.training import distributed as ddp
 
     ddp.init_distributed(torch.device("cpu"))
-    sps = steps_per_second(args.kind, args.batch // ddp.world_size(), args.steps, None, torch.device("cpu"))
+    sps = steps_per_second(args.kind, args.batch // ddp.world_size(), args.steps, (None, None), torch.device("cpu"))
     if ddp.is_main():
         print(json.dumps({"world": ddp.world_size(), "steps_per_s": sps}), flush=True)
 
@@ -161,6 +172,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for the GEMM and the step alike (default: torch's)")
+    parser.add_argument("--variants", default="as shipped,dropout off",
+                        help=f"dropout variants, comma-separated, of: {', '.join(VARIANTS)} (default: %(default)s)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", default="pooled", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,7 +182,11 @@ def main() -> None:
     if args.worker:
         _worker(args)
         return
-    roofline(args.batch, args.steps, torch.device(args.device))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: {', '.join(unknown)} not known; use {', '.join(VARIANTS)}")
+    roofline(args.batch, args.steps, torch.device(args.device), variants)
     if args.ddp:
         ddp_comparison(args.batch, args.steps, "pooled")
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from oneencoder.features.cache import rejects_path
+from oneencoder.features.runtime import check_runtime
 from oneencoder.features.shards import Shard, merge_shards
 from oneencoder.features.workers import default_workers
 from oneencoder.runtime import pick_device
@@ -32,6 +33,13 @@ def build(
     shard: Optional[str] = typer.Option(
         None, metavar="I/N", help="Build only shard I of N (a job array), into <cache>/shards/I-of-N; then run "
                                   "`oneencoder cache merge`. Under torchrun: shard RANK/WORLD_SIZE by default."),
+    runtime: str = typer.Option(
+        "torch", help="Where the backbones run: torch, onnx (onnxruntime, the graph exported once per backbone "
+                      "beside the cache) or auto (the fastest path on this machine that matches fp32 PyTorch to "
+                      "cosine 0.9999, measured once and remembered). Modalities whose backbone is no exportable "
+                      "graph stay on torch."),
+    precision: str = typer.Option(
+        "fp32", help="fp32 or bf16 (torch autocast; its features get their own cache fingerprint)."),
     views: Optional[int] = typer.Option(
         None, min=1, max=64, help="Augmented views per sample of the stage's trainable modalities, view 0 the "
                                   "plain one (default: the stage's [data] views). Views 1..K-1 go to "
@@ -43,14 +51,17 @@ def build(
     (missing/corrupt file, empty caption) go to <cache>/<modality>.rejects.jsonl.
 
     Example:  oneencoder cache build --stage image_text --views 4
+    Example:  oneencoder cache build --stage image_text --runtime auto
     """
     quiet_libraries()
+    check_runtime(runtime, precision)
     part = Shard.parse(shard) if shard is not None else Shard.from_env()
     overrides = {"data": {"views": views}} if views is not None else None
     prepared = prepare_stage(stage, manifest=manifest, cache_dir=cache_dir, overrides=overrides, build_caches=False)
     where = pick_device(device)
     n_workers = default_workers(where) if workers is None else workers
-    prepared.build_caches(batch_size=batch_size, workers=n_workers, device=where, shard=part, log=echo)
+    prepared.build_caches(batch_size=batch_size, workers=n_workers, device=where, shard=part, log=echo,
+                           runtime=runtime, precision=precision)
     config = prepared.config
     if part is not None:
         echo(f"when all {part.count} shards are built: oneencoder cache merge --stage {stage} "

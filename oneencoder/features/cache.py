@@ -40,6 +40,7 @@ from ..errors import CacheMismatchError, OneEncoderError, SampleError
 from ..fileio import write_json_atomic, write_jsonl_atomic
 from ..modality import Modality
 from ..names import safe_name
+from .runtime import check_runtime, runtime_fingerprint, with_runtime
 from .workers import loader_options
 
 try:
@@ -443,6 +444,9 @@ def build_cache(
     device: str | torch.device = "cpu",
     progress: bool = True,
     shard: "Shard | None" = None,
+    runtime: str = "torch",
+    precision: str = "fp32",
+    log: Callable[[str], None] | None = None,
 ) -> BuildReport:
     """Encode every record whose features are missing or stale; bad samples go to the rejects file.
 
@@ -453,6 +457,10 @@ def build_cache(
     Args:
         shard: Encode only this shard's records, into its own root under ``cache_root``
             (:meth:`Shard.root`); records already up to date in the merged cache are skipped.
+        runtime: ``torch``, ``onnx`` or ``auto`` (:mod:`oneencoder.features.runtime`); exported
+            graphs and measured choices are kept under ``cache_root``.
+        precision: ``fp32`` or ``bf16``; bf16 is part of the fingerprint (its features are not fp32's).
+        log: Gets the runtime's one-line notes (the path chosen, its parity).
 
     Raises:
         OneEncoderError: Another process is writing the same cache.
@@ -470,7 +478,8 @@ def build_cache(
                  if (why := id_problem(r["id"])) is not None}
     records = [r for r in records if str(r["id"]) not in unkeyable]
     root = Path(cache_root) if shard is None else shard.root(cache_root)
-    fingerprint = modality.fingerprint()
+    check_runtime(runtime, precision)
+    fingerprint = runtime_fingerprint(modality, precision)
     with cache_lock(cache_dir_for(root, name)):
         if shard is not None:
             shard.done_path(cache_root, name).unlink(missing_ok=True)
@@ -483,7 +492,9 @@ def build_cache(
             report = BuildReport(name, len(records) + len(unkeyable), len(records) - len(todo), 0,
                                  {sid: why for sid, (why, _) in unkeyable.items()})
             if todo:
-                _encode(modality, todo, key, plan, cache, report, batch_size, num_workers, device, progress)
+                backbone = with_runtime(modality, modality.load_backbone().to(device), runtime, precision,
+                                        cache_root, log)
+                _encode(modality, backbone, todo, key, plan, cache, report, batch_size, num_workers, device, progress)
         want.update({sid: given for sid, (_, given) in unkeyable.items()})
         rows = {sid: {"id": sid, "modality": name, "reason": why, "input": want[sid]}
                 for sid, why in report.rejects.items()}
@@ -494,11 +505,10 @@ def build_cache(
     return report
 
 
-def _encode(modality: Modality, todo: list[dict], key: str, plan: _Plan, cache: FeatureCache,
-            report: BuildReport, batch_size: int, num_workers: int, device: str | torch.device,
-            progress: bool) -> None:
+def _encode(modality: Modality, backbone: torch.nn.Module, todo: list[dict], key: str, plan: _Plan,
+            cache: FeatureCache, report: BuildReport, batch_size: int, num_workers: int,
+            device: str | torch.device, progress: bool) -> None:
     """The DataLoader loop of :func:`build_cache`: decode in workers, encode here, commit per batch."""
-    backbone = modality.load_backbone().to(device)
     loader = DataLoader(_SampleDataset(modality, todo, key), batch_size=batch_size, collate_fn=_Collate(modality),
                         **loader_options(num_workers, device))
     with progress_bar(total=len(todo), desc=f"cache {modality.spec.name}", unit="sample", enabled=progress) as bar:

@@ -76,7 +76,8 @@ class PreparedStage:
 
     def build_caches(self, *, batch_size: int = 32, workers: int = 0, device: str | torch.device = "cpu",
                      shard: "Shard | None" = None, progress: bool = True, log: Callable[[str], None] = status,
-                     quiet_when_cached: bool = False) -> dict[str, BuildReport]:
+                     quiet_when_cached: bool = False, runtime: str = "torch",
+                     precision: str = "fp32") -> dict[str, BuildReport]:
         """Encode every missing or stale feature of :attr:`modalities` and :attr:`emergent`.
 
         Each modality logs ``cache build``'s summary line, and the rejects file when a
@@ -85,6 +86,8 @@ class PreparedStage:
 
         With ``[data] views = K`` the stage's trainable modalities also get views 1..K-1
         (:mod:`oneencoder.features.views`), built after the plain caches.
+
+        ``runtime``/``precision``: where the backbones run (:mod:`oneencoder.features.runtime`).
 
         Raises:
             OneEncoderError: No cache root is known, another process writes the cache, or
@@ -103,7 +106,8 @@ class PreparedStage:
         if not distributed or ddp.is_main():
             for name, modality in {**self.modalities, **self.emergent}.items():
                 report = build_cache(modality, self.records, self.cache_dir, batch_size=batch_size,
-                                     num_workers=workers, device=device, progress=progress, shard=shard)
+                                     num_workers=workers, device=device, progress=progress, shard=shard,
+                                     runtime=runtime, precision=precision, log=log)
                 self.reports[name] = report
                 if quiet_when_cached and not (report.encoded or report.rejects or report.dropped):
                     continue
