@@ -421,8 +421,17 @@ class RuntimeBackbone(nn.Module):
                  refuse: bool) -> Any:
         """``path`` if its outputs match fp32 PyTorch's on the first samples of this batch, else None
         (or a refusal). A few samples: the check runs the slow path it replaces, once per process."""
+        store, key = self._store()
+        checked = (_read_choices(store).get(key, {}).get("parity", {}) if store is not None else {}).get(path.name)
+        if isinstance(checked, float) and checked >= PARITY_COSINE:  # checked on this machine before
+            self.parity = checked
+            self.log(f"{self.modality.spec.name}: {path.name}, least cosine to torch fp32 {checked:.6f} "
+                     "(checked before on this machine)")
+            return path
         args, kwargs = _head(args, kwargs, _PARITY_SAMPLES)
         self.parity = _cosine_floor(_flat_outputs(fp32(args, kwargs))[1], _flat_outputs(path(args, kwargs))[1])
+        if store is not None and self.parity >= PARITY_COSINE:
+            _remember(store, key, {"parity": {path.name: self.parity}})
         if self.parity < PARITY_COSINE:
             if refuse:
                 raise OneEncoderError(f"{self.modality.spec.name}: --runtime onnx gives features at cosine "
@@ -431,9 +440,13 @@ class RuntimeBackbone(nn.Module):
         self.log(f"{self.modality.spec.name}: {path.name}, least cosine to torch fp32 {self.parity:.6f}")
         return path
 
-    def _auto(self, fp32: _TorchPath, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _store(self) -> tuple[Path | None, str]:
+        """Where measured choices and parity checks are kept, and this machine's and backbone's key."""
         store = self.home / f"{self.modality.spec.name}.runtime.json" if self.home is not None else None
-        key = f"{machine_key()}|{_fingerprint_id(self.modality)}|{self.precision}"
+        return store, f"{machine_key()}|{_fingerprint_id(self.modality)}"
+
+    def _auto(self, fp32: _TorchPath, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        store, key = self._store()
         known = _read_choices(store).get(key) if store is not None else None
         candidates: dict[str, Callable[[], Any]] = {
             "torch fp32": lambda: fp32,
@@ -441,7 +454,7 @@ class RuntimeBackbone(nn.Module):
         }
         if self._onnx_possible(False):
             candidates["onnx fp32"] = self._onnx
-        if known is not None and known.get("path") in candidates:
+        if known is not None and known.get("path") in candidates and known.get("rates"):
             self.rates = known.get("rates", {})
             path = candidates[known["path"]]()
             return path if path is fp32 else self._checked(path, fp32, args, kwargs, refuse=False) or fp32
@@ -460,10 +473,9 @@ class RuntimeBackbone(nn.Module):
         best = max(passing, key=rates.__getitem__)
         self.rates, self.parity = rates, cosines[best]
         if store is not None:
-            choices = _read_choices(store)
-            choices[key] = {"path": best, "rates": rates, "cosines": cosines, "samples": _batch_size(args, kwargs),
-                            "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-            write_json_atomic(store, choices)
+            _remember(store, key, {"path": best, "rates": rates, "cosines": cosines,
+                                   "parity": {n: c for n, c in cosines.items() if n in passing},
+                                   "samples": _batch_size(args, kwargs), "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
         shown = ", ".join(f"{n} {r:.1f}/s (cos {cosines[n]:.6f})" for n, r in rates.items())
         self.log(f"{self.modality.spec.name}: runtime auto chose {best} ({shown})")
         return passing[best]
@@ -489,6 +501,14 @@ def _rate(path: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     first = next(iter([*args, *kwargs.values()]))
     return int(first.shape[0])
+
+
+def _remember(store: Path, key: str, entry: dict[str, Any]) -> None:
+    """Merge ``entry`` into the stored record of ``key`` (parity checks add up; a choice replaces)."""
+    choices = _read_choices(store)
+    old = choices.get(key) if isinstance(choices.get(key), dict) else {}
+    choices[key] = {**old, **entry, "parity": {**old.get("parity", {}), **entry.get("parity", {})}}
+    write_json_atomic(store, choices)
 
 
 def _read_choices(store: Path) -> dict[str, Any]:
