@@ -1,6 +1,7 @@
 """``oneencoder demo-all``: one model directory with six modalities, built progressively.
 
-Stage 1 aligns image and text on Tux Paint stamps; then audio (stamp sounds), molecules
+Stage 1 aligns image and text on Tux Paint stamps (the stage `make demo` trains); then audio
+(stamp sounds and named General MIDI sounds), molecules
 (PubChem names), depth (pybullet RGB-D renders) and video (pybullet physics clips) are
 added one at a time, each training only its own adapter. Every step resumes.
 """
@@ -16,12 +17,12 @@ from oneencoder.evaluation.summary import format_results, write_results
 from oneencoder.training.add_modality import add_modality
 
 from ._common import echo, note, quiet_libraries, user_errors
-from .data import build_chemicals, build_pybullet_rgbd, build_pybullet_video, build_tuxpaint_audio
-from .demo import run_stage1
+from .data import build_audio_with_sounds, build_chemicals, build_pybullet_rgbd, build_pybullet_video
+from .demo import DEMO_STAGE, run_stage1
 
 
-#: Stage 1 of demo-all, until the later stages are re-tuned for the locked text space.
-DEMO_ALL_STAGE1 = "image_text"
+#: Stage 1 of demo-all: the one `make demo` trains (the locked mpnet text space).
+DEMO_ALL_STAGE1 = DEMO_STAGE
 
 
 @user_errors
@@ -46,14 +47,13 @@ def demo_all(
         note(f"== stage 1: image + text already trained in {model}")
     else:
         note("== stage 1: image + text (Tux Paint stamps)")
-        # The old Stage 1 (MiniLM + Lite0): on the locked mpnet space of `make demo`'s stage, the
-        # shipped audio stage fell from audio->text R@1 0.381 to 0.048 (docs/results.md, Stage 1 v2).
         run_stage1(out / "tuxpaint", stage=DEMO_ALL_STAGE1, step="  [{i}/3]", model_dir=model, workers=workers)
     timings["image+text"] = time.time() - tic
     # (modality, anchor, manifest builder, cache root). The audio manifest holds the same stamp
-    # ids as Stage 1's, so it shares that cache: images and captions are not encoded twice.
+    # ids as Stage 1's, so it shares that cache: images and captions are not encoded twice. The
+    # named sounds lift held-out Tux Paint audio->text from 0.063 to 0.254 (docs/audio.md).
     steps = [
-        ("audio", "text", lambda: build_tuxpaint_audio(out / "audio" / "manifest.jsonl"), out / "tuxpaint" / "cache"),
+        ("audio", "text", lambda: build_audio_with_sounds(out / "audio-sounds.jsonl"), out / "tuxpaint" / "cache"),
         ("molecule", "text", lambda: build_chemicals(out / "chemicals" / "manifest.jsonl", molecules), None),
         ("depth", "image", lambda: build_pybullet_rgbd(out / "rgbd" / "manifest.jsonl", renders), None),
         ("video", "text", lambda: build_pybullet_video(out / "video" / "manifest.jsonl", clips), None),
