@@ -110,6 +110,16 @@ def test_onnx_on_a_backbone_that_is_no_graph_says_so_and_runs_torch(stamps, tmp_
     assert not (tmp_path / "audio.onnx").exists()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_backbone_without_weights_runs_on_every_path(precision: str, tmp_path: Path) -> None:
+    """RDKit fingerprints have no parameters or buffers: the runtime must not look for a weight's device."""
+    pytest.importorskip("rdkit")
+    molecule = create_modality("molecule")
+    records = [{"id": f"m{i}", "smiles": s} for i, s in enumerate(["CCO", "c1ccccc1O", "CC(=O)O"])]
+    report = build_cache(molecule, records, tmp_path, precision=precision, progress=False)
+    assert report.encoded == 3 and not report.rejects
+
+
 @pytest.mark.parametrize("args, option", [(["--runtime", "tensorrt"], "--runtime 'tensorrt'"),
                                           (["--precision", "fp8"], "--precision 'fp8'"),
                                           (["--runtime", "auto", "--precision", "bf16"], "--runtime auto runs fp32 only")])

@@ -180,14 +180,21 @@ class _TorchPath:
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.channels_last:
             args = tuple(a.contiguous(memory_format=torch.channels_last) if _is_image_like(a) else a for a in args)
-        device = next(self.module.parameters()).device.type
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.module(*args, **kwargs)
         if self.precision == "fp32":
-            return out
+            return self.module(*args, **kwargs)
+        with torch.autocast(_device_type(self.module, args), dtype=torch.bfloat16):
+            out = self.module(*args, **kwargs)
         keys, flat = _flat_outputs(out)
         flat = [t.float() if t.is_floating_point() else t for t in flat]
         return Outputs(zip(keys, flat)) if keys is not None else (flat[0] if isinstance(out, torch.Tensor) else tuple(flat))
+
+
+def _device_type(module: torch.nn.Module, args: tuple[Any, ...]) -> str:
+    """Where ``module`` runs: its first parameter or buffer, else its first tensor input (a backbone
+    without weights, such as RDKit fingerprints, has neither parameters nor buffers)."""
+    for t in (*module.parameters(), *module.buffers(), *(a for a in args if isinstance(a, torch.Tensor))):
+        return t.device.type
+    return "cpu"
 
 
 def _is_image_like(t: Any) -> bool:
@@ -380,7 +387,7 @@ class RuntimeBackbone(nn.Module):
         return self.path(args, kwargs)
 
     def _on_cpu(self) -> bool:
-        return next(self.module.parameters()).device.type == "cpu"
+        return _device_type(self.module, ()) == "cpu"
 
     def _onnx_possible(self, asked: bool) -> bool:
         name = self.modality.spec.name
