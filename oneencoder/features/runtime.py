@@ -376,6 +376,14 @@ class RuntimeBackbone(nn.Module):
         self.parity: float | None = None
         self.rates: dict[str, float] = {}
 
+    def __getattr__(self, name: str) -> Any:
+        # A modality's encode() may read its backbone's own attributes (a plugin's `backbone.kernels`):
+        # what the wrapper lacks comes from the wrapped module, as if it were not wrapped.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
     @property
     def chosen(self) -> str:
         """The path in use (``torch fp32 channels_last``, ``onnx fp32``...), or "" before the first call."""
