@@ -13,6 +13,7 @@ from oneencoder.features.workers import default_workers
 from oneencoder.runtime import pick_device
 from oneencoder.training.prepare import prepare_stage
 from oneencoder.training.runs import model_writer
+from oneencoder.training.seeds import format_spread, run_seeds
 from oneencoder.training.stage import run_stage
 
 from ._common import echo, note, quiet_libraries, user_errors
@@ -59,6 +60,8 @@ def train(
                                                   "(same backbones and shapes) instead of from scratch."),
     workers: Optional[int] = typer.Option(None, min=0, help="DataLoader workers for decoding samples the feature "
                                                             "cache lacks (default: as `cache build`)."),
+    seeds: int = typer.Option(1, min=1, help="Train this many seeds (train.seed, +1, …) and report mean ± std; "
+                                             "the model directory keeps the first seed's model."),
 ) -> None:
     """Cache missing features, train a stage from them, keep the best checkpoint, report test metrics.
 
@@ -67,6 +70,8 @@ def train(
     Example:  oneencoder train --stage image_text --model outputs/demo/model
 
     Fine-tune:  oneencoder train --stage my_stage.toml --model outputs/mine --init-from outputs/demo/model
+
+    Error bars:  oneencoder train --stage image_text --model outputs/mine --seeds 3
 
     Several processes:  torchrun --nproc-per-node 2 -m oneencoder.cli.main train --stage image_text
     (batch_size is per process; see docs/scale.md)
@@ -80,9 +85,17 @@ def train(
         where = pick_device(config.train.device)  # the backbones run where the stage trains
         prepared.build_caches(workers=default_workers(where) if workers is None else workers, device=where,
                               log=note, quiet_when_cached=True)
-        summary = run_stage(config, model, resume=resume, overwrite=overwrite, init_from=init_from)
+        if seeds == 1:
+            summary = run_stage(config, model, resume=resume, overwrite=overwrite, init_from=init_from)
+        else:
+            result = run_seeds(config, model, seeds, resume=resume, overwrite=overwrite, init_from=init_from,
+                               on_seed=lambda r: note(f"seed {r['seed']}: validation score {r['val']['score']:.4f}"))
+            summary = result and result["first"]
     if summary is None:  # a rank > 0 under torchrun: rank 0 reports
         return
     echo(f"stage {config.name}: best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
          f"{summary['steps']} steps, {summary['train_seconds']} s; model in {model}")
     print_results(summary["test"])
+    if seeds > 1:
+        echo("\n" + format_spread(result["mean_std"], seeds, _COLUMNS))
+        echo(f"(the model is seed {config.train.seed}'s; every seed's numbers: {model}/runs/{config.name}/seeds.json)")
