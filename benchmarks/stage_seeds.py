@@ -22,21 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from oneencoder.model.checkpoint import read_meta  # noqa: E402
 from oneencoder.training.add_modality import add_modality_config  # noqa: E402
 from oneencoder.training.config import StageConfig, parse_stage, resolve_stage_path  # noqa: E402
 from oneencoder.training.prepare import prepare_stage  # noqa: E402
-from oneencoder.training.stage import run_stage  # noqa: E402
+from oneencoder.training.seeds import train_in_copy  # noqa: E402
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -70,21 +67,11 @@ def stage_config(raw: dict, source: str, seed: int, add_to: str | None, anchor: 
 
 
 def run_seed(config: StageConfig, seed: int, add_to: str | None) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="stage-seeds-"))
-    try:
-        start = time.time()
-        if add_to is not None:  # a fresh copy of the model each seed
-            shutil.copytree(add_to, out, dirs_exist_ok=True)
-        result = run_stage(config, out, progress=False)
-        entry = next(e for e in read_meta(out)["stages"] if e["name"] == config.name)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-        out.with_name(out.name + ".lock").unlink(missing_ok=True)  # the model writer's lock, beside the folder
-    val = {k: v for k, v in entry["val"].items() if k.endswith("R@1") or k == "score"}
-    test = {d: r["metrics"]["R@1"] for d, r in result["test"]["directions"].items()}
-    # Test rows marked ``heldout`` are also scored per subset (e.g. tuxpaint / concept / style).
-    for subset, directions in result["test"].get("subsets", {}).items():
-        test.update({f"{subset}:{d}": r["metrics"]["R@1"] for d, r in directions.items()})
+    start = time.time()
+    result = train_in_copy(config, Path(add_to) if add_to else None)  # a fresh copy of the model each seed
+    val = {k: v for k, v in result["val"].items() if k.endswith("R@1") or k == "score"}
+    # test directions, and test rows marked ``heldout`` per subset (e.g. tuxpaint:image→text)
+    test = {d: metrics["R@1"] for d, metrics in result["test"].items()}
     return {"seed": seed, "best_epoch": result["best_epoch"], "seconds": round(time.time() - start, 1),
             "val": val, "test": test}
 

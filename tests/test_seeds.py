@@ -45,7 +45,7 @@ def test_a_rerun_reuses_the_finished_seeds(seeded, monkeypatch) -> None:
     def no_training(*args, **kwargs):
         raise AssertionError("a finished seed was trained again")
 
-    monkeypatch.setattr(seeds, "_train_copy", no_training)
+    monkeypatch.setattr(seeds, "train_in_copy", no_training)
     again = run_seeds(seeded["config"], seeded["dir"], 2)
     assert again["seeds"][1] == seeded["result"]["seeds"][1]
     assert (seeded["dir"] / "runs" / seeded["config"].name / SEEDS_DIR / "seed-4.json").exists()

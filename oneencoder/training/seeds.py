@@ -63,12 +63,15 @@ def mean_std(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                 "std": statistics.stdev(f[k] for f in flats) if len(flats) > 1 else 0.0} for k in keys}
 
 
-def _train_copy(config: StageConfig, model_dir: Path, init_from: Path | None) -> dict[str, Any]:
-    """One more seed in a temporary folder: a fresh Stage 1, or this stage retrained on a copy of the model."""
+def train_in_copy(config: StageConfig, model_dir: Path | None, init_from: Path | None = None) -> dict[str, Any]:
+    """One seed in a temporary folder, removed after: a fresh Stage 1, or the stage trained on a copy of
+    ``model_dir`` (its adapter retrained if the model already holds one). Returns :func:`seed_result`."""
     work = Path(tempfile.mkdtemp(prefix=f"oneencoder-seed{config.train.seed}-"))
     try:
         stage1 = "projection" in config.trainable
-        if not stage1:  # the earlier stages, as the first seed saw them; --replace retrains this one
+        if not stage1:  # the earlier stages; --replace retrains this one if the model has it
+            if model_dir is None:
+                raise ConfigError(f"stage {config.name!r} builds on a trained model: name the model to copy")
             shutil.copytree(model_dir, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns("runs"))
         summary = run_stage(config, work, resume=False, replace=not stage1, progress=False, init_from=init_from)
         return seed_result(work, summary, config.train.seed)
@@ -105,7 +108,7 @@ def run_seeds(config: StageConfig, model_dir: str | Path, seeds: int, *, resume:
         stored = _read(done) if resume and done.exists() else None
         # A stored seed counts only if it ran with these settings (the seed aside).
         if stored is None or stored.get("settings") != {**settings, "seed": seed}:
-            result = _train_copy(with_seed(config, seed), model_dir, init_from)
+            result = train_in_copy(with_seed(config, seed), model_dir, init_from)
             stored = {"settings": {**settings, "seed": seed}, "result": result}
             write_json_atomic(done, stored)
         rows.append(stored["result"])
