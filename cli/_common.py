@@ -128,11 +128,27 @@ CACHE_DIR_HELP = ("Feature cache to take backbone features from, for inputs it h
 NO_CACHE_HELP = "Encode every input, even those a feature cache holds."
 
 
-def prepared_model(prepared: "PreparedStage", device: Optional[str] = None) -> "OneEncoder":
+RUNTIME_HELP = ("Where the backbones run: torch, onnx (onnxruntime, the graph exported once per backbone) or "
+                "auto (the fastest path on this machine that matches fp32 PyTorch to cosine 0.9999, measured "
+                "once and remembered). Modalities whose backbone is no exportable graph stay on torch.")
+PRECISION_HELP = "fp32 or bf16 (torch autocast; never chosen by --runtime auto)."
+
+
+def prepared_model(prepared: "PreparedStage", device: Optional[str] = None, runtime: str = "torch",
+                   precision: str = "fp32") -> "OneEncoder":
     """The inference API over the model ``prepare_stage`` loaded (not read twice)."""
     from oneencoder.apps.api import OneEncoder
 
-    return OneEncoder.from_loaded(prepared.model_dir, prepared.model, prepared.meta, device, prepared.modalities)
+    return OneEncoder.from_loaded(prepared.model_dir, prepared.model, prepared.meta, device, prepared.modalities,
+                                  runtime=runtime, precision=precision)
+
+
+def runtime_notes(m: "OneEncoder") -> None:
+    """The path each backbone ran on, and its parity, when that was not plain PyTorch."""
+    if (m.runtime, m.precision) == ("torch", "fp32"):
+        return
+    for line in m.runtime_notes:
+        note(line)
 
 
 @contextlib.contextmanager

@@ -8,20 +8,22 @@ confusion-matrix PNG. Inputs are checked before the model is loaded.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
 from oneencoder.apps.zeroshot import probability_scale, prompts
 from oneencoder.errors import OneEncoderError
+from oneencoder.features.runtime import check_runtime
 from oneencoder.evaluation.metrics import format_number
 from oneencoder.fileio import ensure_writable
 from oneencoder.training.prepare import prepare_stage
 
-from ._common import (CACHE_DIR_HELP, NO_CACHE_HELP, echo, input_cache, note, prepared_model, quiet_libraries,
-                      user_errors)
+from ._common import (CACHE_DIR_HELP, NO_CACHE_HELP, PRECISION_HELP, RUNTIME_HELP, echo, input_cache, note,
+                      prepared_model, quiet_libraries, runtime_notes, user_errors)
 from .search import strict_json
 
 _PLAIN_MODALITY = "image"  # the inputs' modality in the --labels form when --modality is not given
@@ -78,6 +80,8 @@ def classify(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N | mps"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
+    runtime: str = typer.Option("torch", "--runtime", help=RUNTIME_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Score inputs against every label's prompt: top k per input, or an accuracy report for labelled data.
 
@@ -90,11 +94,13 @@ def classify(
     Labelled manifest:  oneencoder classify --manifest data.jsonl --label-field category --model outputs/demo/model
     """
     quiet_libraries()
+    check_runtime(runtime, precision)  # before the model loads
+    load = functools.partial(prepared_model, device=device, runtime=runtime, precision=precision)
     inputs = list(inputs or [])
     folder = Path(inputs[0]) if len(inputs) == 1 and os.path.isdir(inputs[0]) else None
     if folder is not None or manifest is not None:
         _report(folder, manifest, inputs, model, modality, labels, labels_file, label_field, split, template,
-                confusion, as_json, device, cache_dir, no_cache)
+                confusion, as_json, load, cache_dir, no_cache)
         return
     if not inputs:
         raise OneEncoderError("give inputs with --labels, a folder of class subfolders, or --manifest M")
@@ -103,10 +109,12 @@ def classify(
     _check_files(modality, inputs)
     templates = template or ["{}"]
     prepared = prepare_stage(model_dir=model, cache_dir=cache_dir, modalities=[modality], build_caches=False)
-    m = prepared_model(prepared, device)
+    m = load(prepared)
     temperature, meaning = probability_scale(prepared.meta)
     with input_cache(prepared, modality, no_cache) as cache:
         result = m.classify(modality, inputs, names, template=templates, k=k, temperature=temperature, cache=cache)
+    if not as_json:
+        runtime_notes(m)
     if as_json:  # stdout and stderr together stay one JSON object
         echo(strict_json({"modality": modality, "labels": result.labels, "template": templates,
                           "temperature": temperature, "probabilities": meaning,
@@ -123,8 +131,8 @@ def classify(
 
 def _report(folder: Optional[Path], manifest: Optional[Path], inputs: list[str], model: Path,
             modality: Optional[str], labels: Optional[str], labels_file: Optional[Path], label_field: str,
-            split: Optional[str], template: Optional[List[str]], confusion: Path, as_json: bool, device: str,
-            cache_dir: Optional[Path], no_cache: bool) -> None:
+            split: Optional[str], template: Optional[List[str]], confusion: Path, as_json: bool,
+            load: Callable[[Any], Any], cache_dir: Optional[Path], no_cache: bool) -> None:
     """``classify FOLDER`` / ``classify --manifest M``: every check before the model loads, then the report."""
     from oneencoder.apps.zeroshot_report import (classification_report, format_report, labelled_folder,
                                                  labelled_manifest, plot_confusion)
@@ -148,11 +156,13 @@ def _report(folder: Optional[Path], manifest: Optional[Path], inputs: list[str],
         note(f"classifying {len(data.inputs)} {data.modality} inputs of {data.source} among {len(data.labels)} "
              f"labels")
     prepared = prepare_stage(model_dir=model, cache_dir=cache_dir, modalities=[data.modality], build_caches=False)
-    m = prepared_model(prepared, device)
+    m = load(prepared)
     temperature, meaning = probability_scale(prepared.meta)
     with input_cache(prepared, data.modality, no_cache) as cache:
         result = m.classify(data.modality, data.inputs, data.prompt_labels, template=templates, k=len(data.labels),
                             temperature=temperature, cache=cache)
+    if not as_json:
+        runtime_notes(m)
     report = classification_report(data.truth, result, data.labels)
     plot_confusion(report, confusion)
     report = {"modality": data.modality, "source": data.source, "templates": templates,

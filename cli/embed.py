@@ -9,12 +9,13 @@ import numpy as np
 import typer
 
 from oneencoder.errors import OneEncoderError
+from oneencoder.features.runtime import check_runtime
 from oneencoder.evaluation.metrics import format_number
 from oneencoder.fileio import atomic_path, ensure_writable, not_utf8, write_json_atomic
 from oneencoder.training.prepare import prepare_stage
 
-from ._common import (CACHE_DIR_HELP, NO_CACHE_HELP, echo, input_cache, note, prepared_model, quiet_libraries,
-                      user_errors)
+from ._common import (CACHE_DIR_HELP, NO_CACHE_HELP, PRECISION_HELP, RUNTIME_HELP, echo, input_cache, note,
+                      prepared_model, quiet_libraries, runtime_notes, user_errors)
 
 
 def read_lines(path: Path, option: str) -> list[str]:
@@ -42,12 +43,15 @@ def embed(
     query: Optional[str] = typer.Option(None, help="Also rank the inputs against this text query."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_DIR_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help=NO_CACHE_HELP),
+    runtime: str = typer.Option("torch", "--runtime", help=RUNTIME_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Embed inputs; writes <out> and <out>.json listing the inputs in row order.
 
     Example:  oneencoder embed image /usr/share/tuxpaint/stamps/animals/*.png --query "A cat."
     """
     quiet_libraries()
+    check_runtime(runtime, precision)  # before the model loads
     items = list(inputs or [])
     if from_file:
         items += read_lines(from_file, "--from-file")
@@ -56,9 +60,10 @@ def embed(
     ensure_writable(out)  # before loading backbones and embedding
     ensure_writable(out.with_suffix(out.suffix + ".json"))
     prepared = prepare_stage(model_dir=model, cache_dir=cache_dir, modalities=[modality], build_caches=False)
-    m = prepared_model(prepared)
+    m = prepared_model(prepared, runtime=runtime, precision=precision)
     with input_cache(prepared, modality, no_cache) as cache:
         emb = m.encode(modality, items, cache=cache)
+    runtime_notes(m)
     if cache is not None:
         note(cache.summary())
     with atomic_path(out) as tmp:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -130,3 +131,31 @@ def test_cache_build_refuses_an_unknown_runtime_in_one_line(args, option, small_
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and option in lines[0], result.output
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_embed_runs_the_backbone_on_onnx_with_torch_parity(trained_model, small_records, onnx_home,
+                                                           tmp_path: Path, monkeypatch) -> None:
+    """``embed --runtime onnx`` (the path index build and classify share) against the torch path."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "runtime").symlink_to(onnx_home)  # the graph exported above, not again
+    monkeypatch.setenv("ONEENCODER_HOME", str(tmp_path / "home"))
+    files = [r["image"] for r in small_records[:3]]
+    out = {}
+    for runtime in ("torch", "onnx"):
+        out[runtime] = tmp_path / f"{runtime}.npy"
+        result = CliRunner().invoke(app, ["embed", "image", *files, "--model", str(trained_model["dir"]),
+                                          "--no-cache", "--runtime", runtime, "--out", str(out[runtime])])
+        assert result.exit_code == 0, result.output
+        assert ("image: onnx fp32, least cosine to torch fp32" in result.output) == (runtime == "onnx")
+    a, b = np.load(out["torch"]), np.load(out["onnx"])
+    assert a.shape == b.shape and a.shape[0] == 3
+    assert float((a * b).sum(1).min()) >= PARITY_COSINE
+
+
+@pytest.mark.parametrize("command", [["embed", "image", "x.png"], ["classify", "x.png", "--labels", "a,b"],
+                                     ["index", "build", "--modality", "image", "--data", "x.jsonl", "--out", "ix"]])
+def test_every_extraction_command_refuses_an_unknown_runtime_before_loading(command, trained_model) -> None:
+    result = CliRunner().invoke(app, [*command, "--model", str(trained_model["dir"]), "--runtime", "tensorrt"])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--runtime 'tensorrt'" in lines[0], result.output

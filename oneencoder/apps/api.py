@@ -76,7 +76,8 @@ class OneEncoder:
     @classmethod
     def from_loaded(cls, model_dir: str | Path, model: OneEncoderModel, meta: dict[str, Any],
                     device: str | torch.device | None = None,
-                    modalities: dict[str, Modality] | None = None) -> "OneEncoder":
+                    modalities: dict[str, Modality] | None = None, runtime: str = "torch",
+                    precision: str = "fp32") -> "OneEncoder":
         """A model already loaded and checked (e.g. by :func:`oneencoder.training.prepare.prepare_stage`),
         without reading its files again; ``modalities``: those already recreated from ``meta``."""
         self = cls.__new__(cls)
@@ -84,7 +85,7 @@ class OneEncoder:
         self.device = pick_device("auto" if device is None else str(device))
         self.model.to(self.device).eval()
         self._modalities, self._backbones = dict(modalities or {}), {}
-        self._set_runtime("torch", "fp32")
+        self._set_runtime(runtime, precision)
         self._captioner = None
         self._means = None
         return self
